@@ -1,0 +1,220 @@
+"""The telemetry schema of CONTRACT.md section 1: bytes in, typed readings or precise rejections out.
+
+Validation happens here, once, at the edge. The common message (one reading, or a batch in which
+every reading is good, with no unknown fields) is decoded and validated by msgspec in a single
+pass, well under a microsecond per reading. Only when that fails does the parser take the slower
+path that judges each reading of a batch on its own and keeps unknown fields, so one bad reading
+never costs its neighbours and the reason names the reading and the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Final
+
+import msgspec
+from msgspec import Meta
+
+from sensors.topics import dewar_id_of
+
+MAX_PAYLOAD_BYTES: Final = 256 * 1024
+MAX_BATCH: Final = 1000
+MAX_CLOCK_SKEW: Final = timedelta(minutes=5)
+
+_INT64_MAX: Final = 2**63 - 1
+
+Seq = Annotated[int, Meta(ge=0, le=_INT64_MAX)]
+Timestamp = Annotated[datetime, Meta(tz=True)]
+Celsius = Annotated[float, Meta(gt=-273.15, lt=100)]
+Percent = Annotated[float, Meta(ge=0, le=100)]
+Degrees = Annotated[float, Meta(ge=0, le=180)]
+Gs = Annotated[float, Meta(ge=0, le=1_000_000)]
+Latitude = Annotated[float, Meta(ge=-90, le=90)]
+Longitude = Annotated[float, Meta(ge=-180, le=180)]
+
+
+class Reading(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One measurement of one dewar, at the device's own time."""
+
+    seq: Seq
+    ts: Timestamp
+    temp_c: Celsius
+    ln2_level_pct: Percent | None = None
+    tilt_deg: Degrees | None = None
+    shock_g: Gs | None = None
+    lid_open: bool | None = None
+    battery_pct: Percent | None = None
+    lat: Latitude | None = None
+    lon: Longitude | None = None
+    # Fields the contract does not name are kept with the reading, never rejected.
+    extra: dict[str, Any] | None = msgspec.field(default=None, name="__extra__")
+
+
+KNOWN_FIELDS: Final = frozenset(f for f in Reading.__struct_fields__ if f != "extra")
+
+_fast_decoder: Final = msgspec.json.Decoder(Reading | list[Reading])
+_batch_decoder: Final = msgspec.json.Decoder(list[msgspec.Raw])
+_object_decoder: Final = msgspec.json.Decoder(dict[str, Any])
+_encoder: Final = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a message, or one reading inside a batch, cannot be accepted.
+
+    `index` is the reading's position in a batch, or None when the whole message is rejected.
+    `raw` holds the bytes judged: the reading's own bytes for one reading of a batch.
+    """
+
+    reason: str
+    raw: bytes
+    index: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """What one MQTT message yields: the dewar it came from, good readings and rejections."""
+
+    dewar_id: str | None
+    readings: list[Reading]
+    rejections: list[Rejection]
+
+
+def parse_message(topic: str, payload: bytes, now: datetime) -> Parsed:
+    """Judge one telemetry message. Never raises for anything a device can send."""
+    dewar_id = dewar_id_of(topic)
+    if dewar_id is None:
+        return _reject_all(None, payload, f"bad topic {topic[:200]!r}: expected "
+                           "coldchain/v1/dewars/{dewar_id}/telemetry with a dewar id of 1-64 "
+                           "characters from A-Z a-z 0-9 . _ -")
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return _reject_all(dewar_id, payload,
+                           f"payload is {len(payload)} bytes, over the {MAX_PAYLOAD_BYTES} limit")
+    try:
+        decoded = _fast_decoder.decode(payload)
+    except msgspec.DecodeError:
+        return _parse_slowly(dewar_id, payload, now)
+    items = decoded if isinstance(decoded, list) else [decoded]
+    if len(items) > MAX_BATCH:
+        return _reject_all(dewar_id, payload,
+                           f"batch of {len(items)} readings, over the {MAX_BATCH} limit")
+    if not items:
+        return _reject_all(dewar_id, payload, "empty batch: an array needs at least one reading")
+    readings: list[Reading] = []
+    rejections: list[Rejection] = []
+    batch = isinstance(decoded, list)
+    for index, reading in enumerate(items):
+        problem = _check_semantics(reading, now)
+        if problem is None:
+            readings.append(reading)
+        else:
+            raw = encode_reading(reading) if batch else payload
+            rejections.append(Rejection(problem, raw, index if batch else None))
+    return Parsed(dewar_id, readings, rejections)
+
+
+def _parse_slowly(dewar_id: str, payload: bytes, now: datetime) -> Parsed:
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _reject_all(dewar_id, payload, f"payload is not UTF-8 (byte {exc.start})")
+    if text.lstrip().startswith("["):
+        try:
+            raw_items = _batch_decoder.decode(text)
+        except msgspec.DecodeError as exc:
+            return _reject_all(dewar_id, payload, _describe_json_error(exc, text))
+        if len(raw_items) > MAX_BATCH:
+            return _reject_all(dewar_id, payload,
+                               f"batch of {len(raw_items)} readings, over the {MAX_BATCH} limit")
+        if not raw_items:
+            return _reject_all(dewar_id, payload,
+                               "empty batch: an array needs at least one reading")
+        readings: list[Reading] = []
+        rejections: list[Rejection] = []
+        for index, raw in enumerate(raw_items):
+            item = bytes(raw)
+            result = _parse_one(item, now)
+            if isinstance(result, Reading):
+                readings.append(result)
+            else:
+                rejections.append(Rejection(f"reading {index}: {result}", item, index))
+        return Parsed(dewar_id, readings, rejections)
+    result = _parse_one(payload, now)
+    if isinstance(result, Reading):
+        return Parsed(dewar_id, [result], [])
+    return _reject_all(dewar_id, payload, result)
+
+
+def _parse_one(item: bytes, now: datetime) -> Reading | str:
+    """One reading's bytes to a Reading, or the reason it is refused."""
+    try:
+        fields = _object_decoder.decode(item)
+    except msgspec.ValidationError:
+        return "a reading must be a JSON object"
+    except msgspec.DecodeError as exc:
+        return _describe_json_error(exc, item.decode("utf-8", "replace"))
+    extra = {k: v for k, v in fields.items() if k not in KNOWN_FIELDS}
+    known = {k: v for k, v in fields.items() if k in KNOWN_FIELDS}
+    try:
+        reading = msgspec.json.decode(_encoder.encode(known), type=Reading)
+    except msgspec.ValidationError as exc:
+        return _describe_validation_error(exc)
+    if extra:
+        reading = msgspec.structs.replace(reading, extra=extra)
+    return _check_semantics(reading, now) or reading
+
+
+def _check_semantics(reading: Reading, now: datetime) -> str | None:
+    """Rules a type cannot say: position comes in pairs, the clock is not from the future."""
+    if (reading.lat is None) != (reading.lon is None):
+        return "lat and lon come together: give both or neither"
+    if reading.ts - now > MAX_CLOCK_SKEW:
+        ahead = (reading.ts - now).total_seconds()
+        return (f"ts {reading.ts.isoformat()} is {ahead:.0f} s ahead of the service clock "
+                f"(at most {MAX_CLOCK_SKEW.total_seconds():.0f} s allowed)")
+    return None
+
+
+def _describe_validation_error(exc: msgspec.ValidationError) -> str:
+    message = str(exc)
+    if message.startswith("Object missing required field"):
+        return message.replace("Object missing", "missing")
+    if "`datetime` with a timezone" in message:
+        return "ts must be an RFC 3339 time with an offset (Z or +hh:mm) - at `$.ts`"
+    if "Invalid RFC3339" in message:
+        return "ts is not an RFC 3339 time - at `$.ts`"
+    if message.startswith("Number out of range"):
+        return message + " (NaN and infinities are refused)"
+    return message
+
+
+def _describe_json_error(exc: msgspec.DecodeError, text: str) -> str:
+    message = str(exc)
+    lowered = text.lower()
+    if "nan" in lowered or "infinity" in lowered:
+        return f"not valid JSON ({message}); NaN and Infinity are not numbers in JSON"
+    return f"not valid JSON ({message})"
+
+
+def _reject_all(dewar_id: str | None, payload: bytes, reason: str) -> Parsed:
+    return Parsed(dewar_id, [], [Rejection(reason, payload, None)])
+
+
+def encode_reading(reading: Reading) -> bytes:
+    """A reading as the device sends it (unknown fields flattened back in)."""
+    if reading.extra is None:
+        return _encoder.encode(reading)
+    fields = msgspec.to_builtins(reading)
+    fields.pop("__extra__", None)
+    return _encoder.encode({**reading.extra, **fields})
+
+
+def encode_batch(readings: list[Reading]) -> bytes:
+    """A backlog batch: a JSON array of readings, at most MAX_BATCH long."""
+    if len(readings) > MAX_BATCH:
+        raise ValueError(f"a batch holds at most {MAX_BATCH} readings, got {len(readings)}")
+    if all(r.extra is None for r in readings):
+        return _encoder.encode(readings)
+    return b"[" + b",".join(encode_reading(r) for r in readings) + b"]"
+
