@@ -1,4 +1,4 @@
-"""The telemetry schema of CONTRACT.md section 1: bytes in, typed readings or precise rejections out.
+"""The telemetry schema of CONTRACT.md section 1: bytes in, typed readings or precise rejections.
 
 Validation happens here, once, at the edge. The common message (one reading, or a batch in which
 every reading is good, with no unknown fields) is decoded and validated by msgspec in a single
@@ -85,20 +85,28 @@ def parse_message(topic: str, payload: bytes, now: datetime) -> Parsed:
     """Judge one telemetry message. Never raises for anything a device can send."""
     dewar_id = dewar_id_of(topic)
     if dewar_id is None:
-        return _reject_all(None, payload, f"bad topic {topic[:200]!r}: expected "
-                           "coldchain/v1/dewars/{dewar_id}/telemetry with a dewar id of 1-64 "
-                           "characters from A-Z a-z 0-9 . _ -")
+        return _reject_all(
+            None,
+            payload,
+            f"bad topic {topic[:200]!r}: expected "
+            "coldchain/v1/dewars/{dewar_id}/telemetry with a dewar id of 1-64 "
+            "characters from A-Z a-z 0-9 . _ -",
+        )
     if len(payload) > MAX_PAYLOAD_BYTES:
-        return _reject_all(dewar_id, payload,
-                           f"payload is {len(payload)} bytes, over the {MAX_PAYLOAD_BYTES} limit")
+        return _reject_all(
+            dewar_id,
+            payload,
+            f"payload is {len(payload)} bytes, over the {MAX_PAYLOAD_BYTES} limit",
+        )
     try:
         decoded = _fast_decoder.decode(payload)
     except msgspec.DecodeError:
         return _parse_slowly(dewar_id, payload, now)
     items = decoded if isinstance(decoded, list) else [decoded]
     if len(items) > MAX_BATCH:
-        return _reject_all(dewar_id, payload,
-                           f"batch of {len(items)} readings, over the {MAX_BATCH} limit")
+        return _reject_all(
+            dewar_id, payload, f"batch of {len(items)} readings, over the {MAX_BATCH} limit"
+        )
     if not items:
         return _reject_all(dewar_id, payload, "empty batch: an array needs at least one reading")
     readings: list[Reading] = []
@@ -125,11 +133,13 @@ def _parse_slowly(dewar_id: str, payload: bytes, now: datetime) -> Parsed:
         except msgspec.DecodeError as exc:
             return _reject_all(dewar_id, payload, _describe_json_error(exc, text))
         if len(raw_items) > MAX_BATCH:
-            return _reject_all(dewar_id, payload,
-                               f"batch of {len(raw_items)} readings, over the {MAX_BATCH} limit")
+            return _reject_all(
+                dewar_id, payload, f"batch of {len(raw_items)} readings, over the {MAX_BATCH} limit"
+            )
         if not raw_items:
-            return _reject_all(dewar_id, payload,
-                               "empty batch: an array needs at least one reading")
+            return _reject_all(
+                dewar_id, payload, "empty batch: an array needs at least one reading"
+            )
         readings: list[Reading] = []
         rejections: list[Rejection] = []
         for index, raw in enumerate(raw_items):
@@ -150,8 +160,10 @@ def _parse_one(item: bytes, now: datetime) -> Reading | str:
     """One reading's bytes to a Reading, or the reason it is refused."""
     try:
         fields = _object_decoder.decode(item)
-    except msgspec.ValidationError:
-        return "a reading must be a JSON object"
+    except msgspec.ValidationError as exc:
+        if str(exc).startswith("Expected `object`"):
+            return "a reading must be a JSON object"
+        return _describe_validation_error(exc)
     except msgspec.DecodeError as exc:
         return _describe_json_error(exc, item.decode("utf-8", "replace"))
     extra = {k: v for k, v in fields.items() if k not in KNOWN_FIELDS}
@@ -171,8 +183,10 @@ def _check_semantics(reading: Reading, now: datetime) -> str | None:
         return "lat and lon come together: give both or neither"
     if reading.ts - now > MAX_CLOCK_SKEW:
         ahead = (reading.ts - now).total_seconds()
-        return (f"ts {reading.ts.isoformat()} is {ahead:.0f} s ahead of the service clock "
-                f"(at most {MAX_CLOCK_SKEW.total_seconds():.0f} s allowed)")
+        return (
+            f"ts {reading.ts.isoformat()} is {ahead:.0f} s ahead of the service clock "
+            f"(at most {MAX_CLOCK_SKEW.total_seconds():.0f} s allowed)"
+        )
     return None
 
 
@@ -217,4 +231,3 @@ def encode_batch(readings: list[Reading]) -> bytes:
     if all(r.extra is None for r in readings):
         return _encoder.encode(readings)
     return b"[" + b",".join(encode_reading(r) for r in readings) + b"]"
-

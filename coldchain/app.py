@@ -1,0 +1,131 @@
+"""The application factory. `create_app` does no I/O; every long-lived resource is a cleanup
+context that starts, yields, and stops, so cleanup runs only for what started."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+from aiohttp import web
+
+from coldchain import api, health, keys
+from coldchain.broker import BrokerLink
+from coldchain.errors import StoreUnavailable
+from coldchain.ingest import Ingest
+from coldchain.metrics import Registry
+from coldchain.middleware import errors
+from coldchain.settings import Settings
+from coldchain.store import Store
+from sensors import STATUS_FILTER, TELEMETRY_FILTER, shared
+
+logger = logging.getLogger(__name__)
+
+_MAX_BODY = 1024 * 1024
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[errors], client_max_size=_MAX_BODY)
+    app[keys.SETTINGS] = settings
+    app[keys.METRICS] = Registry()
+    app.add_routes(health.routes)
+    app.add_routes(api.routes)
+    app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(_ingest)
+    return app
+
+
+def supervise(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """Start a background worker whose crash is logged, never silent."""
+    task = asyncio.create_task(coro, name=name)
+    task.add_done_callback(_log_crash)
+    return task
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("background task %s crashed", task.get_name(), exc_info=task.exception())
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            raise
+
+
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    store = await Store.open(settings.database_url, max_size=settings.db_pool_size)
+    app[keys.STORE] = store
+    yield
+    await store.close()
+
+
+async def migrate_when_reachable(store: Store, backoff_cap_s: float) -> None:
+    """Apply migrations, waiting for PostgreSQL with capped backoff if it is down."""
+    delay = 0.25
+    while True:
+        try:
+            await store.migrate()
+        except StoreUnavailable as exc:
+            logger.warning(
+                "PostgreSQL not reachable for migrations (%s); retrying in %.1f s", exc, delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, backoff_cap_s)
+        else:
+            return
+
+
+async def _ingest(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    store = app[keys.STORE]
+    ingest = Ingest(
+        store,
+        app[keys.METRICS],
+        batch_size=settings.batch_size,
+        flush_interval_s=settings.flush_interval_s,
+        backoff_cap_s=settings.backoff_cap_s,
+    )
+    topics = [TELEMETRY_FILTER, STATUS_FILTER]
+    if settings.mqtt_shared_group:
+        topics = [shared(t, settings.mqtt_shared_group) for t in topics]
+    broker = BrokerLink(
+        settings.mqtt,
+        client_id=settings.mqtt_client_id,
+        subscriptions=topics,
+        handler=ingest.handle,
+        receive_maximum=settings.mqtt_receive_maximum,
+        session_expiry_s=settings.mqtt_session_expiry_s,
+        backoff_cap_s=settings.backoff_cap_s,
+    )
+    app[keys.INGEST] = ingest
+    app[keys.BROKER] = broker
+
+    async def run() -> None:
+        await migrate_when_reachable(store, settings.backoff_cap_s)
+        await asyncio.gather(broker.run(), ingest.run_writer())
+
+    task = supervise(run(), "ingest")
+    yield
+    # Close the link first: no acknowledgement can leave after this. Messages not yet committed
+    # stay with the broker's session and come again on the next start.
+    await broker.close()
+    await stop(task)
+    ingest.abandon()
+
+
+def run(settings: Settings, *, print_fn: Callable[..., None] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; aiohttp owns the signals and the graceful shutdown."""
+    web.run_app(
+        create_app(settings),
+        host=settings.http_host,
+        port=settings.http_port,
+        print=print_fn,
+        access_log=None,
+        shutdown_timeout=10,
+    )

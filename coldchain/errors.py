@@ -1,0 +1,45 @@
+"""The service's one error tree. Each class carries the HTTP status and a stable code that the
+error middleware turns into the contract's `{"error": {"code", "message"}}` body."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ColdchainError(Exception):
+    """Base of every error the service raises on purpose."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(ColdchainError):
+    """The environment or a command line does not make sense."""
+
+    code = "config"
+
+
+class BadRequest(ColdchainError):
+    status = 400
+    code = "bad_request"
+
+
+class NotFound(ColdchainError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ColdchainError):
+    status = 409
+    code = "conflict"
+
+
+class StoreUnavailable(ColdchainError):
+    """PostgreSQL cannot be reached or refused the connection; retrying may help."""
+
+    status = 503
+    code = "store_unavailable"

@@ -1,0 +1,344 @@
+"""The telemetry ingest: MQTT messages in, committed rows out, acknowledgements after commit.
+
+Each message is parsed at once (`sensors.parse_message`) into good readings and dead letters and
+parked with a future. One writer task takes parked messages in arrival order, writes them as one
+batch (COPY into a staging table, then an insert that drops duplicates), and only after the
+transaction commits resolves their futures, which lets the MQTT layer send their PUBACKs. A batch
+is written when it holds `batch_size` readings or `flush_interval_s` after its first message.
+
+If PostgreSQL is unreachable the writer keeps the same batch and retries with capped backoff;
+nothing is acknowledged meanwhile, so the broker stops sending once its window of unacknowledged
+messages is full. A crash at any point loses nothing: unacknowledged messages are delivered again
+and their readings are stored once by `(dewar_id, seq)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final
+
+import msgspec
+
+from coldchain.broker import Unacknowledged
+from coldchain.errors import StoreUnavailable
+from coldchain.metrics import Registry
+from coldchain.store import BatchResult, DeadLetter, IncomingReading, Store
+from sensors import parse_message
+from sensors.schema import Timestamp
+from sensors.topics import dewar_id_of
+
+logger = logging.getLogger(__name__)
+
+_BATCH_BUCKETS: Final = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000)
+_LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class DeviceStatus(msgspec.Struct, frozen=True):
+    state: str
+    ts: Timestamp
+
+
+_status_decoder: Final = msgspec.json.Decoder(DeviceStatus)
+
+
+@dataclass(slots=True)
+class _Parked:
+    topic: str
+    payload: bytes
+    readings: list[IncomingReading]
+    dead_letters: list[DeadLetter]
+    arrived: float
+    done: asyncio.Future[None]
+
+
+class IngestMetrics:
+    """What `/metrics` shows of the ingest."""
+
+    def __init__(self, r: Registry) -> None:
+        self.messages = r.counter(
+            "coldchain_ingest_messages_total",
+            "MQTT messages received on telemetry and status topics",
+        )
+        self.received = r.counter(
+            "coldchain_ingest_readings_received_total",
+            "Valid readings received (before de-duplication)",
+        )
+        self.stored = r.counter(
+            "coldchain_ingest_readings_stored_total",
+            "Readings committed to PostgreSQL for the first time",
+        )
+        self.duplicates = r.counter(
+            "coldchain_ingest_readings_duplicate_total",
+            "Readings received again (same dewar and seq), not stored twice",
+        )
+        self.dead_letters = r.counter(
+            "coldchain_ingest_dead_letters_total",
+            "Messages or batch items rejected and kept as dead letters",
+        )
+        self.commit_failures = r.counter(
+            "coldchain_ingest_commit_failures_total",
+            "Batch writes that failed: PostgreSQL was unavailable",
+        )
+        self.batch_size = r.histogram(
+            "coldchain_ingest_batch_readings", "Readings per committed batch", _BATCH_BUCKETS
+        )
+        self.commit_seconds = r.histogram(
+            "coldchain_ingest_commit_seconds",
+            "Time to write and commit one batch",
+            _LATENCY_BUCKETS,
+        )
+        self.lag_seconds = r.histogram(
+            "coldchain_ingest_lag_seconds",
+            "From a message's arrival to its commit (consumer lag)",
+            _LATENCY_BUCKETS,
+        )
+
+
+class Ingest:
+    """Parses, batches and writes telemetry; `handle` is the MQTT message handler."""
+
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        *,
+        batch_size: int,
+        flush_interval_s: float,
+        backoff_cap_s: float = 5.0,
+    ) -> None:
+        self._store = store
+        self._batch_size = batch_size
+        self._flush_interval_s = flush_interval_s
+        self._backoff_cap_s = backoff_cap_s
+        self._parked: deque[_Parked] = deque()
+        self._writing: list[_Parked] = []
+        self._parked_readings = 0
+        self._arrived = asyncio.Event()
+        self._full = asyncio.Event()
+        self._store_ok = True
+        self.metrics = IngestMetrics(registry)
+        registry.gauge(
+            "coldchain_ingest_pending_messages",
+            "Messages received and not yet committed (awaiting acknowledgement)",
+            source=lambda: float(len(self._parked)),
+        )
+        registry.gauge(
+            "coldchain_ingest_oldest_pending_seconds",
+            "Age of the oldest message not yet committed (consumer lag now)",
+            source=self._oldest_pending_age,
+        )
+
+    @property
+    def store_ok(self) -> bool:
+        """False from a failed write until the next successful one."""
+        return self._store_ok
+
+    @property
+    def pending(self) -> int:
+        return len(self._parked)
+
+    def _oldest_pending_age(self) -> float:
+        return time.monotonic() - self._parked[0].arrived if self._parked else 0.0
+
+    async def handle(self, topic: str, payload: bytes) -> None:
+        """Return once what the message carries is committed; raise only on shutdown."""
+        self.metrics.messages.inc()
+        now = datetime.now(UTC)
+        if topic.endswith("/status"):
+            status = _parse_status(topic, payload)
+            if isinstance(status, tuple):
+                await self._write_status(*status)
+                return
+            parked = self._park(
+                topic,
+                payload,
+                [],
+                [DeadLetter(now, topic, dewar_id_of(topic), None, status, payload)],
+            )
+            logger.warning("dead-lettered status message on %s: %s", topic, status)
+        else:
+            parked = self._telemetry(topic, payload, now)
+        self._parked.append(parked)
+        self._parked_readings += len(parked.readings)
+        self._arrived.set()
+        if self._parked_readings >= self._batch_size:
+            self._full.set()
+        await parked.done
+
+    def _telemetry(self, topic: str, payload: bytes, now: datetime) -> _Parked:
+        parsed = parse_message(topic, payload, now)
+        dewar_id = parsed.dewar_id
+        readings = [IncomingReading(dewar_id, r, now) for r in parsed.readings] if dewar_id else []
+        dead = [
+            DeadLetter(now, topic, dewar_id, j.index, j.reason, j.raw) for j in parsed.rejections
+        ]
+        if dead:
+            logger.warning("dead-lettered %d item(s) on %s: %s", len(dead), topic, dead[0].reason)
+        return self._park(topic, payload, readings, dead)
+
+    @staticmethod
+    def _park(
+        topic: str, payload: bytes, readings: list[IncomingReading], dead: list[DeadLetter]
+    ) -> _Parked:
+        return _Parked(
+            topic,
+            payload,
+            readings,
+            dead,
+            time.monotonic(),
+            asyncio.get_running_loop().create_future(),
+        )
+
+    async def _write_status(self, dewar_id: str, status: DeviceStatus) -> None:
+        # A status is retained and idempotent (the newest wins), so it is written on its own;
+        # the message is acknowledged when this returns, after the write succeeded.
+        delay = 0.1
+        while True:
+            try:
+                await self._store.set_dewar_status(dewar_id, status.state, status.ts)
+            except StoreUnavailable as exc:
+                logger.warning("status of %s not stored yet (%s); retrying", dewar_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._backoff_cap_s)
+            else:
+                return
+
+    async def run_writer(self) -> None:
+        """The writer loop: one batch at a time, in arrival order, until cancelled."""
+        while True:
+            await self._arrived.wait()
+            if self._parked_readings < self._batch_size:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._full.wait(), self._flush_interval_s)
+            self._writing = self._take_batch()
+            await self._write(self._writing)
+            for parked in self._writing:
+                if not parked.done.done():
+                    parked.done.set_result(None)
+            self._writing = []
+
+    def abandon(self) -> None:
+        """On shutdown, after the broker link is closed: release every handler still waiting,
+        leaving its message unacknowledged for the broker to deliver again."""
+        for parked in [*self._writing, *self._parked]:
+            if not parked.done.done():
+                parked.done.set_exception(Unacknowledged())
+        self._writing = []
+        self._parked.clear()
+        self._parked_readings = 0
+
+    def _take_batch(self) -> list[_Parked]:
+        batch: list[_Parked] = []
+        count = 0
+        while self._parked and (
+            not batch or count + len(self._parked[0].readings) <= self._batch_size
+        ):
+            parked = self._parked.popleft()
+            batch.append(parked)
+            count += len(parked.readings)
+        self._parked_readings -= count
+        if not self._parked:
+            self._arrived.clear()
+        if self._parked_readings < self._batch_size:
+            self._full.clear()
+        return batch
+
+    async def _write(self, batch: list[_Parked]) -> None:
+        readings = [r for p in batch for r in p.readings]
+        dead = [d for p in batch for d in p.dead_letters]
+        started = time.monotonic()
+        try:
+            result = await self._commit(readings, dead)
+        except Exception:
+            # Not a connection problem: something in the batch is refused. Store message by
+            # message, so the culprit becomes a dead letter and its neighbours go in as usual.
+            logger.exception(
+                "a batch of %d message(s) was refused; storing them one by one", len(batch)
+            )
+            result = BatchResult(0, 0, 0)
+            for parked in batch:
+                result = result + await self._write_alone(parked)
+        finished = time.monotonic()
+        m = self.metrics
+        m.received.inc(result.stored + result.duplicates)
+        m.stored.inc(result.stored)
+        m.duplicates.inc(result.duplicates)
+        m.dead_letters.inc(result.dead_letters)
+        m.batch_size.observe(len(readings))
+        m.commit_seconds.observe(finished - started)
+        for parked in batch:
+            m.lag_seconds.observe(finished - parked.arrived)
+
+    async def _write_alone(self, parked: _Parked) -> BatchResult:
+        try:
+            return await self._commit(parked.readings, parked.dead_letters)
+        except Exception as exc:
+            reason = f"could not be stored ({type(exc).__name__}: {str(exc)[:300]})"
+            logger.exception("message on %s refused by the database; dead-lettered", parked.topic)
+            letter = DeadLetter(
+                datetime.now(UTC),
+                parked.topic,
+                dewar_id_of(parked.topic),
+                None,
+                reason,
+                parked.payload,
+            )
+            try:
+                return await self._commit([], [letter])
+            except Exception:
+                logger.exception(
+                    "could not even dead-letter the message on %s; it stays unacknowledged",
+                    parked.topic,
+                )
+                parked.done.set_exception(Unacknowledged())
+                return BatchResult(0, 0, 0)
+
+    async def _commit(self, readings: list[IncomingReading], dead: list[DeadLetter]) -> BatchResult:
+        """Write and commit, waiting out PostgreSQL outages with capped backoff; other errors
+        propagate."""
+        delay = 0.1
+        while True:
+            try:
+                result = await self._store.write_batch(readings, dead)
+            except StoreUnavailable as exc:
+                failure: StoreUnavailable | None = exc
+            else:
+                failure = None
+            if failure is not None:
+                self.metrics.commit_failures.inc()
+                if self._store_ok:
+                    logger.error(
+                        "cannot write telemetry (%s); holding messages unacknowledged and retrying",
+                        failure,
+                    )
+                self._store_ok = False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._backoff_cap_s)
+                continue
+            if not self._store_ok:
+                logger.info("PostgreSQL is back; telemetry writes resumed")
+            self._store_ok = True
+            return result
+
+
+def _parse_status(topic: str, payload: bytes) -> tuple[str, DeviceStatus] | str:
+    """A device status message, or the reason it is refused."""
+    dewar_id = dewar_id_of(topic)
+    if dewar_id is None:
+        return f"bad topic {topic[:200]!r}"
+    try:
+        status = _status_decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        return (
+            f"bad status message ({exc}); expected "
+            '{"state": "online"|"offline", "ts": RFC 3339 time}'
+        )
+    if status.state not in ("online", "offline"):
+        return f"bad status state {status.state!r}: expected online or offline"
+    return dewar_id, status

@@ -1,0 +1,17 @@
+"""Typed keys for everything the application holds; the one place app state is declared."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from coldchain.broker import BrokerLink
+from coldchain.ingest import Ingest
+from coldchain.metrics import Registry
+from coldchain.settings import Settings
+from coldchain.store import Store
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Registry)
+STORE = web.AppKey("store", Store)
+INGEST = web.AppKey("ingest", Ingest)
+BROKER = web.AppKey("broker", BrokerLink)
