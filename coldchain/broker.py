@@ -59,6 +59,7 @@ class BrokerLink:
         self._handler = handler
         self._backoff_cap_s = backoff_cap_s
         self._connected = asyncio.Event()
+        self._closing = False
         self._client: Any = gmqtt.Client(
             client_id,
             clean_session=False,
@@ -100,6 +101,7 @@ class BrokerLink:
             return
 
     async def close(self) -> None:
+        self._closing = True
         if self._client.is_connected:
             await self._client.disconnect()
 
@@ -114,7 +116,7 @@ class BrokerLink:
         self._connected.set()
 
     def _on_disconnect(self, client: Any, packet: Any, exc: BaseException | None = None) -> None:
-        if self._connected.is_set():
+        if self._connected.is_set() and not self._closing:
             logger.warning("lost the MQTT broker %s; reconnecting", self._address.url)
         self._connected.clear()
         client.reconnect_delay = min(max(client.reconnect_delay, 0.5) * 2, self._backoff_cap_s)

@@ -19,6 +19,8 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     # gmqtt logs every reconnect attempt at INFO with a traceback; ours say it once, clearly.
     logging.getLogger("gmqtt").setLevel(logging.WARNING if level != "DEBUG" else logging.DEBUG)
+    # ...and warns of writes to a closed socket when a PUBACK is dropped on purpose at shutdown.
+    logging.getLogger("gmqtt.mqtt.protocol").setLevel(logging.ERROR)
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:

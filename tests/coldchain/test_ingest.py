@@ -1,0 +1,200 @@
+"""The ingest end to end: MQTT publish -> the running service -> rows in PostgreSQL, against a
+real broker and a real database."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import UTC, datetime, timedelta
+
+import aiohttp
+import asyncpg
+import pytest
+
+from sensors import Reading, encode_batch, encode_reading, status_topic, telemetry_topic
+from tests.support import eventually, publish_all, running_service, service_settings
+
+pytestmark = [pytest.mark.postgres, pytest.mark.mqtt]
+
+
+async def count_rows(database_url: str, sql: str, *args: object) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        value: int = await conn.fetchval(sql, *args)
+        return value
+    finally:
+        await conn.close()
+
+
+async def metric(base: str, name: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(f"{base}/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"metric {name} not exposed")
+
+
+def readings(n: int, *, start: datetime, step: timedelta = timedelta(minutes=1),
+             first_seq: int = 0) -> list[Reading]:
+    return [Reading(seq=first_seq + i, ts=start + i * step, temp_c=-190.0 + (i % 7) / 10,
+                    ln2_level_pct=90 - i / 100) for i in range(n)]
+
+
+async def test_readings_are_stored_once_even_when_delivered_twice(
+    database_url: str, mqtt_url: str, unique: str
+) -> None:
+    dewar = f"DW-{unique}"
+    now = datetime.now(UTC).replace(microsecond=0)
+    batch = readings(200, start=now - timedelta(hours=4))
+    settings = service_settings(database_url, mqtt_url, f"svc-{unique}")
+    async with running_service(settings) as base:
+        messages = [(telemetry_topic(dewar), encode_reading(r)) for r in batch]
+        publish_all(mqtt_url, messages, client_id=f"pub-{unique}")
+        # The same readings again, as a device that never saw its PUBACKs would resend them.
+        publish_all(mqtt_url, messages[:50], client_id=f"pub-{unique}")
+        # Other clients may share the broker, so the counters are lower bounds here.
+        await eventually(lambda: metric(base, "coldchain_ingest_readings_duplicate_total"),
+                         lambda v: v >= 50)
+        assert await metric(base, "coldchain_ingest_readings_stored_total") >= 200
+    stored = await count_rows(database_url, "SELECT count(*) FROM readings WHERE dewar_id = $1",
+                              dewar)
+    assert stored == 200
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow("SELECT * FROM readings WHERE dewar_id = $1 AND seq = 17", dewar)
+    finally:
+        await conn.close()
+    assert row is not None
+    assert row["ts"] == batch[17].ts and row["temp_c"] == pytest.approx(batch[17].temp_c)
+    assert row["received_at"] > row["ts"]
+
+
+async def test_bad_messages_are_dead_lettered_and_their_neighbours_stored(
+    database_url: str, mqtt_url: str, unique: str
+) -> None:
+    dewar = f"DW-{unique}"
+    now = datetime.now(UTC)
+    good = readings(3, start=now - timedelta(minutes=5))
+    mixed_batch = (b"[" + encode_reading(good[1]) + b',{"seq": 99, "temp_c": -190}, '
+                   + encode_reading(good[2]) + b"]")
+    messages = [
+        (telemetry_topic(dewar), encode_reading(good[0])),
+        (telemetry_topic(dewar), b"this is not json"),
+        (telemetry_topic(dewar), mixed_batch),
+        (telemetry_topic("bad id!"), encode_reading(good[0])),
+        (telemetry_topic(dewar), json.dumps({"seq": 5, "ts": now.isoformat(),
+                                             "temp_c": -190, "lat": 50.9}).encode()),
+        (status_topic(dewar), json.dumps({"state": "sleeping", "ts": now.isoformat()}).encode()),
+    ]
+    settings = service_settings(database_url, mqtt_url, f"svc-{unique}")
+    async with running_service(settings) as base:
+        publish_all(mqtt_url, messages, client_id=f"pub-{unique}")
+        await eventually(lambda: metric(base, "coldchain_ingest_dead_letters_total"),
+                         lambda v: v >= 5)
+        assert await metric(base, "coldchain_ingest_readings_stored_total") >= 3
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/api/v1/dead-letters") as response:
+                assert response.status == 200
+                body = await response.json()
+    assert await count_rows(database_url, "SELECT count(*) FROM readings WHERE dewar_id = $1",
+                            dewar) == 3
+    mine = [i for i in body["items"] if dewar in i["topic"] or "bad id!" in i["topic"]]
+    assert len(mine) == 5
+    items = {(i["topic"], i["item_index"]): i for i in mine}
+    assert items[(telemetry_topic(dewar), None)]["payload"] in (
+        "this is not json", messages[4][1].decode())
+    reasons = sorted(i["reason"] for i in mine)
+    assert any(r.startswith("not valid JSON") for r in reasons)
+    assert any("reading 1: missing required field `ts`" in r for r in reasons)
+    assert any(r.startswith("bad topic") for r in reasons)
+    assert any("lat and lon come together" in r for r in reasons)
+    assert any("bad status state 'sleeping'" in r for r in reasons)
+    in_batch = items[(telemetry_topic(dewar), 1)]
+    assert json.loads(in_batch["payload"]) == {"seq": 99, "temp_c": -190}
+
+
+async def test_a_backlog_that_arrives_late_and_out_of_order_is_kept_with_device_times(
+    database_url: str, mqtt_url: str, unique: str
+) -> None:
+    """Fault 4: a device offline for an hour sends its backlog late, in shuffled batches,
+    after newer live readings; nothing is dropped as old."""
+    dewar = f"DW-{unique}"
+    now = datetime.now(UTC).replace(microsecond=0)
+    offline_from = now - timedelta(hours=1, minutes=5)
+    backlog = readings(3600, start=offline_from, step=timedelta(seconds=1), first_seq=100)
+    live = readings(5, start=now - timedelta(minutes=1), first_seq=100 + len(backlog))
+    before = readings(100, start=offline_from - timedelta(minutes=100))
+    batches = [backlog[i:i + 1000] for i in range(0, len(backlog), 1000)]
+    random.Random(7).shuffle(batches)
+    messages = [(telemetry_topic(dewar), encode_reading(r)) for r in before + live]
+    messages += [(telemetry_topic(dewar), encode_batch(list(reversed(b)))) for b in batches]
+    settings = service_settings(database_url, mqtt_url, f"svc-{unique}")
+    async with running_service(settings):
+        publish_all(mqtt_url, messages, client_id=f"pub-{unique}")
+
+        async def stored() -> int:
+            return await count_rows(
+                database_url, "SELECT count(*) FROM readings WHERE dewar_id = $1", dewar)
+
+        await eventually(stored, lambda n: n >= 3705)
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT seq, ts FROM readings WHERE dewar_id = $1 ORDER BY ts",
+                                dewar)
+        dead = await conn.fetchval("SELECT count(*) FROM dead_letters WHERE dewar_id = $1", dewar)
+    finally:
+        await conn.close()
+    assert dead == 0
+    assert [r["seq"] for r in rows] == list(range(3705))
+    expected = {r.seq: r.ts for r in before + backlog + live}
+    assert all(r["ts"] == expected[r["seq"]] for r in rows)
+
+
+async def test_device_status_is_recorded(database_url: str, mqtt_url: str, unique: str) -> None:
+    dewar = f"DW-{unique}"
+    at = datetime.now(UTC).replace(microsecond=0)
+    settings = service_settings(database_url, mqtt_url, f"svc-{unique}")
+    async with running_service(settings):
+        publish_all(mqtt_url, [(status_topic(dewar), json.dumps(
+            {"state": "offline", "ts": at.isoformat()}).encode())], client_id=f"pub-{unique}")
+
+        async def status() -> str | None:
+            conn = await asyncpg.connect(database_url)
+            try:
+                value: str | None = await conn.fetchval(
+                    "SELECT status FROM dewars WHERE id = $1", dewar)
+                return value
+            finally:
+                await conn.close()
+
+        await eventually(status, lambda s: s == "offline")
+
+
+async def test_readiness_says_not_ready_while_the_broker_is_unreachable(
+    database_url: str, unique: str
+) -> None:
+    from coldchain.embedded import free_port
+
+    nowhere = f"mqtt://127.0.0.1:{free_port()}"
+    settings = service_settings(database_url, nowhere, f"svc-{unique}")
+    from aiohttp import web
+
+    from coldchain.app import create_app
+
+    runner = web.AppRunner(create_app(settings))
+    await runner.setup()
+    await web.TCPSite(runner, settings.http_host, settings.http_port).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"http://{settings.http_host}:{settings.http_port}"
+            async with session.get(f"{url}/healthz") as response:
+                assert response.status == 200
+            async with session.get(f"{url}/readyz") as response:
+                assert response.status == 503
+                body = await response.json()
+    finally:
+        await runner.cleanup()
+    assert body["ready"] is False
+    assert body["checks"]["database"] == "ok"
+    assert body["checks"]["mqtt"].startswith("unavailable")
