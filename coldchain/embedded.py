@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Final
 
@@ -52,7 +53,11 @@ class EmbeddedPostgres:
     """A private PostgreSQL cluster in `data_dir`, started, stopped and killed on demand."""
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
-        from pgserver._commands import POSTGRES_BIN_PATH
+        with warnings.catch_warnings():
+            # pgserver asks platformdirs for a runtime dir at import; XDG_RUNTIME_DIR is often
+            # unset on servers, and the fallback is fine for us (we do not use that dir).
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+            from pgserver._commands import POSTGRES_BIN_PATH
 
         self.data_dir = data_dir.resolve()
         self.port = port or free_port()
@@ -222,7 +227,13 @@ class EmbeddedBroker:
             amqtt = Path(sys.executable).with_name("amqtt")
             command = [str(amqtt), "-c", str(conf)]
         self._process = subprocess.Popen(  # noqa: S603 - the broker binary, our own config
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            # Its own session: a Ctrl-C at the terminal reaches us, and we stop the broker
+            # after the service has let go of it, not before.
+            start_new_session=True,
         )
         log.close()
         wait_for_port(self.port, 20, self._process, what=self.kind)

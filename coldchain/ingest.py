@@ -28,7 +28,7 @@ import msgspec
 from coldchain.broker import Unacknowledged
 from coldchain.errors import StoreUnavailable
 from coldchain.metrics import Registry
-from coldchain.store import BatchResult, DeadLetter, IncomingReading, Store
+from coldchain.store import BatchResult, DeadLetter, DewarStatus, IncomingReading, Store
 from sensors import parse_message
 from sensors.schema import Timestamp
 from sensors.topics import dewar_id_of
@@ -39,12 +39,12 @@ _BATCH_BUCKETS: Final = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000)
 _LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
-class DeviceStatus(msgspec.Struct, frozen=True):
+class _StatusMessage(msgspec.Struct, frozen=True):
     state: str
     ts: Timestamp
 
 
-_status_decoder: Final = msgspec.json.Decoder(DeviceStatus)
+_status_decoder: Final = msgspec.json.Decoder(_StatusMessage)
 
 
 @dataclass(slots=True)
@@ -53,6 +53,7 @@ class _Parked:
     payload: bytes
     readings: list[IncomingReading]
     dead_letters: list[DeadLetter]
+    statuses: list[DewarStatus]
     arrived: float
     done: asyncio.Future[None]
 
@@ -151,17 +152,7 @@ class Ingest:
         self.metrics.messages.inc()
         now = datetime.now(UTC)
         if topic.endswith("/status"):
-            status = _parse_status(topic, payload)
-            if isinstance(status, tuple):
-                await self._write_status(*status)
-                return
-            parked = self._park(
-                topic,
-                payload,
-                [],
-                [DeadLetter(now, topic, dewar_id_of(topic), None, status, payload)],
-            )
-            logger.warning("dead-lettered status message on %s: %s", topic, status)
+            parked = self._status(topic, payload, now)
         else:
             parked = self._telemetry(topic, payload, now)
         self._parked.append(parked)
@@ -182,32 +173,24 @@ class Ingest:
             logger.warning("dead-lettered %d item(s) on %s: %s", len(dead), topic, dead[0].reason)
         return self._park(topic, payload, readings, dead)
 
+    def _status(self, topic: str, payload: bytes, now: datetime) -> _Parked:
+        status = _parse_status(topic, payload)
+        if isinstance(status, DewarStatus):
+            return self._park(topic, payload, [], [], [status])
+        logger.warning("dead-lettered status message on %s: %s", topic, status)
+        letter = DeadLetter(now, topic, dewar_id_of(topic), None, status, payload)
+        return self._park(topic, payload, [], [letter])
+
     @staticmethod
     def _park(
-        topic: str, payload: bytes, readings: list[IncomingReading], dead: list[DeadLetter]
+        topic: str,
+        payload: bytes,
+        readings: list[IncomingReading],
+        dead: list[DeadLetter],
+        statuses: list[DewarStatus] | None = None,
     ) -> _Parked:
-        return _Parked(
-            topic,
-            payload,
-            readings,
-            dead,
-            time.monotonic(),
-            asyncio.get_running_loop().create_future(),
-        )
-
-    async def _write_status(self, dewar_id: str, status: DeviceStatus) -> None:
-        # A status is retained and idempotent (the newest wins), so it is written on its own;
-        # the message is acknowledged when this returns, after the write succeeded.
-        delay = 0.1
-        while True:
-            try:
-                await self._store.set_dewar_status(dewar_id, status.state, status.ts)
-            except StoreUnavailable as exc:
-                logger.warning("status of %s not stored yet (%s); retrying", dewar_id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._backoff_cap_s)
-            else:
-                return
+        future = asyncio.get_running_loop().create_future()
+        return _Parked(topic, payload, readings, dead, statuses or [], time.monotonic(), future)
 
     async def run_writer(self) -> None:
         """The writer loop: one batch at a time, in arrival order, until cancelled."""
@@ -252,9 +235,10 @@ class Ingest:
     async def _write(self, batch: list[_Parked]) -> None:
         readings = [r for p in batch for r in p.readings]
         dead = [d for p in batch for d in p.dead_letters]
+        statuses = [s for p in batch for s in p.statuses]
         started = time.monotonic()
         try:
-            result = await self._commit(readings, dead)
+            result = await self._commit(readings, dead, statuses)
         except Exception:
             # Not a connection problem: something in the batch is refused. Store message by
             # message, so the culprit becomes a dead letter and its neighbours go in as usual.
@@ -277,7 +261,7 @@ class Ingest:
 
     async def _write_alone(self, parked: _Parked) -> BatchResult:
         try:
-            return await self._commit(parked.readings, parked.dead_letters)
+            return await self._commit(parked.readings, parked.dead_letters, parked.statuses)
         except Exception as exc:
             reason = f"could not be stored ({type(exc).__name__}: {str(exc)[:300]})"
             logger.exception("message on %s refused by the database; dead-lettered", parked.topic)
@@ -290,7 +274,7 @@ class Ingest:
                 parked.payload,
             )
             try:
-                return await self._commit([], [letter])
+                return await self._commit([], [letter], [])
             except Exception:
                 logger.exception(
                     "could not even dead-letter the message on %s; it stays unacknowledged",
@@ -299,13 +283,15 @@ class Ingest:
                 parked.done.set_exception(Unacknowledged())
                 return BatchResult(0, 0, 0)
 
-    async def _commit(self, readings: list[IncomingReading], dead: list[DeadLetter]) -> BatchResult:
+    async def _commit(
+        self, readings: list[IncomingReading], dead: list[DeadLetter], statuses: list[DewarStatus]
+    ) -> BatchResult:
         """Write and commit, waiting out PostgreSQL outages with capped backoff; other errors
         propagate."""
         delay = 0.1
         while True:
             try:
-                result = await self._store.write_batch(readings, dead)
+                result = await self._store.write_batch(readings, dead, statuses)
             except StoreUnavailable as exc:
                 failure: StoreUnavailable | None = exc
             else:
@@ -327,18 +313,18 @@ class Ingest:
             return result
 
 
-def _parse_status(topic: str, payload: bytes) -> tuple[str, DeviceStatus] | str:
+def _parse_status(topic: str, payload: bytes) -> DewarStatus | str:
     """A device status message, or the reason it is refused."""
     dewar_id = dewar_id_of(topic)
     if dewar_id is None:
         return f"bad topic {topic[:200]!r}"
     try:
-        status = _status_decoder.decode(payload)
+        message = _status_decoder.decode(payload)
     except msgspec.DecodeError as exc:
         return (
             f"bad status message ({exc}); expected "
             '{"state": "online"|"offline", "ts": RFC 3339 time}'
         )
-    if status.state not in ("online", "offline"):
-        return f"bad status state {status.state!r}: expected online or offline"
-    return dewar_id, status
+    if message.state not in ("online", "offline"):
+        return f"bad status state {message.state!r}: expected online or offline"
+    return DewarStatus(dewar_id, message.state, message.ts)

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 _TRANSIENT: Final = (
     OSError,
     TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.CannotConnectNowError,
@@ -111,6 +113,15 @@ class StoredDeadLetter(DeadLetter):
 
 
 @dataclass(frozen=True, slots=True)
+class DewarStatus:
+    """A device's own online/offline report (its retained status topic, or its last will)."""
+
+    dewar_id: str
+    state: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class BatchResult:
     stored: int
     duplicates: int
@@ -181,7 +192,7 @@ class Store:
         await self._pool.close()
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator["Connection"]:
+    async def _connection(self) -> AsyncIterator[Connection]:
         try:
             async with self._pool.acquire() as conn:
                 yield conn
@@ -223,9 +234,12 @@ class Store:
                 await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
 
     async def write_batch(
-        self, readings: Sequence[IncomingReading], dead_letters: Sequence[DeadLetter]
+        self,
+        readings: Sequence[IncomingReading],
+        dead_letters: Sequence[DeadLetter],
+        statuses: Sequence[DewarStatus] = (),
     ) -> BatchResult:
-        """Store a batch of readings and dead letters in one transaction.
+        """Store readings, dead letters and device statuses in one transaction.
 
         On return everything is durable (the caller may acknowledge the messages);
         on StoreUnavailable nothing is, and the same batch can be written again.
@@ -253,20 +267,16 @@ class Store:
                     ],
                     columns=_DEAD_LETTER_COLUMNS,
                 )
+            if statuses:
+                # The newest report wins, whatever order they arrive in.
+                await conn.executemany(
+                    "INSERT INTO dewars (id, status, status_at) VALUES ($1, $2, $3)"
+                    " ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status,"
+                    " status_at = EXCLUDED.status_at"
+                    " WHERE dewars.status_at IS NULL OR dewars.status_at <= EXCLUDED.status_at",
+                    [(s.dewar_id, s.state, s.at) for s in sorted(statuses, key=_by_dewar)],
+                )
         return BatchResult(stored, len(readings) - stored, len(dead_letters))
-
-    async def set_dewar_status(self, dewar_id: str, status: str, at: datetime) -> None:
-        """Record a device's retained online/offline state, newest first wins."""
-        async with self._connection() as conn:
-            await conn.execute(
-                "INSERT INTO dewars (id, status, status_at) VALUES ($1, $2, $3)"
-                " ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status,"
-                " status_at = EXCLUDED.status_at"
-                " WHERE dewars.status_at IS NULL OR dewars.status_at <= EXCLUDED.status_at",
-                dewar_id,
-                status,
-                at,
-            )
 
     async def dead_letters(
         self, *, limit: int = 100, before_id: int | None = None, dewar_id: str | None = None
@@ -321,6 +331,10 @@ class Store:
         async with self._connection() as conn:
             count: int = await conn.fetchval("SELECT count(*) FROM readings")
             return count
+
+
+def _by_dewar(status: DewarStatus) -> str:
+    return status.dewar_id
 
 
 def _reading_records(readings: Sequence[IncomingReading]) -> list[tuple[Any, ...]]:

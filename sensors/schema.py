@@ -55,7 +55,8 @@ KNOWN_FIELDS: Final = frozenset(f for f in Reading.__struct_fields__ if f != "ex
 
 _fast_decoder: Final = msgspec.json.Decoder(Reading | list[Reading])
 _batch_decoder: Final = msgspec.json.Decoder(list[msgspec.Raw])
-_object_decoder: Final = msgspec.json.Decoder(dict[str, Any])
+_object_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_reading_decoder: Final = msgspec.json.Decoder(Reading)
 _encoder: Final = msgspec.json.Encoder()
 
 
@@ -160,16 +161,16 @@ def _parse_one(item: bytes, now: datetime) -> Reading | str:
     """One reading's bytes to a Reading, or the reason it is refused."""
     try:
         fields = _object_decoder.decode(item)
-    except msgspec.ValidationError as exc:
-        if str(exc).startswith("Expected `object`"):
-            return "a reading must be a JSON object"
-        return _describe_validation_error(exc)
+    except msgspec.ValidationError:
+        return "a reading must be a JSON object"
     except msgspec.DecodeError as exc:
         return _describe_json_error(exc, item.decode("utf-8", "replace"))
-    extra = {k: v for k, v in fields.items() if k not in KNOWN_FIELDS}
-    known = {k: v for k, v in fields.items() if k in KNOWN_FIELDS}
+    known = b",".join(
+        _encoder.encode(k) + b":" + bytes(v) for k, v in fields.items() if k in KNOWN_FIELDS
+    )
     try:
-        reading = msgspec.json.decode(_encoder.encode(known), type=Reading)
+        reading = _reading_decoder.decode(b"{" + known + b"}")
+        extra = {k: msgspec.json.decode(v) for k, v in fields.items() if k not in KNOWN_FIELDS}
     except msgspec.ValidationError as exc:
         return _describe_validation_error(exc)
     if extra:

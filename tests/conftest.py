@@ -44,8 +44,12 @@ def server_database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     configured = os.environ.get("COLDCHAIN_TEST_DATABASE_URL")
     if configured:
         parts = urlsplit(configured)
-        _check_reachable(parts.hostname or "127.0.0.1", parts.port or 5432, "PostgreSQL",
-                         "COLDCHAIN_TEST_DATABASE_URL")
+        _check_reachable(
+            parts.hostname or "127.0.0.1",
+            parts.port or 5432,
+            "PostgreSQL",
+            "COLDCHAIN_TEST_DATABASE_URL",
+        )
         yield configured
         return
     server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")

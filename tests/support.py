@@ -22,8 +22,9 @@ from coldchain.settings import MqttAddress, Settings
 T = TypeVar("T")
 
 
-def publish_all(mqtt_url: str, messages: Iterable[tuple[str, bytes]], *, client_id: str,
-                timeout: float = 60.0) -> int:
+def publish_all(
+    mqtt_url: str, messages: Iterable[tuple[str, bytes]], *, client_id: str, timeout: float = 60.0
+) -> int:
     """Publish (topic, payload) pairs at QoS 1 and return once the broker acknowledged each."""
     address = MqttAddress.parse(mqtt_url)
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
@@ -44,24 +45,37 @@ def publish_all(mqtt_url: str, messages: Iterable[tuple[str, bytes]], *, client_
         client.loop_stop()
 
 
-async def eventually(probe: Callable[[], Awaitable[T]], check: Callable[[T], bool], *,
-                        timeout: float = 20.0, interval: float = 0.1) -> T:
+async def eventually(
+    probe: Callable[[], Awaitable[T]],
+    check: Callable[[T], bool],
+    *,
+    within: float = 20.0,
+    interval: float = 0.1,
+) -> T:
     """Poll `probe` until `check` accepts its value; fail with the last value seen."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     value = await probe()
     while not check(value):
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s; last value: {value!r}")
+            raise AssertionError(f"condition not met within {within} s; last value: {value!r}")
         await asyncio.sleep(interval)
         value = await probe()
     return value
 
 
-def service_settings(database_url: str, mqtt_url: str, client_id: str, **changes: object) -> Settings:
+def service_settings(
+    database_url: str, mqtt_url: str, client_id: str, **changes: object
+) -> Settings:
     """Settings for a service under test: short MQTT session expiry, so the sessions that tests
     leave behind on a shared broker do not queue messages for long."""
-    base = Settings(database_url=database_url, mqtt_url=mqtt_url, http_port=free_port(),
-                    mqtt_client_id=client_id, mqtt_session_expiry_s=120, backoff_cap_s=1.0)
+    base = Settings(
+        database_url=database_url,
+        mqtt_url=mqtt_url,
+        http_port=free_port(),
+        mqtt_client_id=client_id,
+        mqtt_session_expiry_s=120,
+        backoff_cap_s=1.0,
+    )
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -76,11 +90,12 @@ async def running_service(settings: Settings) -> AsyncIterator[str]:
     base = f"http://{settings.http_host}:{settings.http_port}"
     try:
         async with aiohttp.ClientSession() as session:
+
             async def ready() -> int:
                 async with session.get(f"{base}/readyz") as response:
                     return response.status
 
-            await eventually(ready, lambda status: status == 200, timeout=30)
+            await eventually(ready, lambda status: status == 200, within=30)
         yield base
     finally:
         await runner.cleanup()

@@ -35,10 +35,18 @@ async def metric(base: str, name: str) -> float:
     raise AssertionError(f"metric {name} not exposed")
 
 
-def readings(n: int, *, start: datetime, step: timedelta = timedelta(minutes=1),
-             first_seq: int = 0) -> list[Reading]:
-    return [Reading(seq=first_seq + i, ts=start + i * step, temp_c=-190.0 + (i % 7) / 10,
-                    ln2_level_pct=90 - i / 100) for i in range(n)]
+def readings(
+    n: int, *, start: datetime, step: timedelta = timedelta(minutes=1), first_seq: int = 0
+) -> list[Reading]:
+    return [
+        Reading(
+            seq=first_seq + i,
+            ts=start + i * step,
+            temp_c=-190.0 + (i % 7) / 10,
+            ln2_level_pct=90 - i / 100,
+        )
+        for i in range(n)
+    ]
 
 
 async def test_readings_are_stored_once_even_when_delivered_twice(
@@ -54,11 +62,13 @@ async def test_readings_are_stored_once_even_when_delivered_twice(
         # The same readings again, as a device that never saw its PUBACKs would resend them.
         publish_all(mqtt_url, messages[:50], client_id=f"pub-{unique}")
         # Other clients may share the broker, so the counters are lower bounds here.
-        await eventually(lambda: metric(base, "coldchain_ingest_readings_duplicate_total"),
-                         lambda v: v >= 50)
+        await eventually(
+            lambda: metric(base, "coldchain_ingest_readings_duplicate_total"), lambda v: v >= 50
+        )
         assert await metric(base, "coldchain_ingest_readings_stored_total") >= 200
-    stored = await count_rows(database_url, "SELECT count(*) FROM readings WHERE dewar_id = $1",
-                              dewar)
+    stored = await count_rows(
+        database_url, "SELECT count(*) FROM readings WHERE dewar_id = $1", dewar
+    )
     assert stored == 200
     conn = await asyncpg.connect(database_url)
     try:
@@ -76,34 +86,48 @@ async def test_bad_messages_are_dead_lettered_and_their_neighbours_stored(
     dewar = f"DW-{unique}"
     now = datetime.now(UTC)
     good = readings(3, start=now - timedelta(minutes=5))
-    mixed_batch = (b"[" + encode_reading(good[1]) + b',{"seq": 99, "temp_c": -190}, '
-                   + encode_reading(good[2]) + b"]")
+    mixed_batch = (
+        b"["
+        + encode_reading(good[1])
+        + b',{"seq": 99, "temp_c": -190}, '
+        + encode_reading(good[2])
+        + b"]"
+    )
     messages = [
         (telemetry_topic(dewar), encode_reading(good[0])),
         (telemetry_topic(dewar), b"this is not json"),
         (telemetry_topic(dewar), mixed_batch),
         (telemetry_topic("bad id!"), encode_reading(good[0])),
-        (telemetry_topic(dewar), json.dumps({"seq": 5, "ts": now.isoformat(),
-                                             "temp_c": -190, "lat": 50.9}).encode()),
+        (
+            telemetry_topic(dewar),
+            json.dumps({"seq": 5, "ts": now.isoformat(), "temp_c": -190, "lat": 50.9}).encode(),
+        ),
         (status_topic(dewar), json.dumps({"state": "sleeping", "ts": now.isoformat()}).encode()),
     ]
     settings = service_settings(database_url, mqtt_url, f"svc-{unique}")
     async with running_service(settings) as base:
         publish_all(mqtt_url, messages, client_id=f"pub-{unique}")
-        await eventually(lambda: metric(base, "coldchain_ingest_dead_letters_total"),
-                         lambda v: v >= 5)
+        await eventually(
+            lambda: metric(base, "coldchain_ingest_dead_letters_total"), lambda v: v >= 5
+        )
         assert await metric(base, "coldchain_ingest_readings_stored_total") >= 3
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{base}/api/v1/dead-letters") as response:
-                assert response.status == 200
-                body = await response.json()
-    assert await count_rows(database_url, "SELECT count(*) FROM readings WHERE dewar_id = $1",
-                            dewar) == 3
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{base}/api/v1/dead-letters") as response,
+        ):
+            assert response.status == 200
+            body = await response.json()
+    assert (
+        await count_rows(database_url, "SELECT count(*) FROM readings WHERE dewar_id = $1", dewar)
+        == 3
+    )
     mine = [i for i in body["items"] if dewar in i["topic"] or "bad id!" in i["topic"]]
     assert len(mine) == 5
     items = {(i["topic"], i["item_index"]): i for i in mine}
     assert items[(telemetry_topic(dewar), None)]["payload"] in (
-        "this is not json", messages[4][1].decode())
+        "this is not json",
+        messages[4][1].decode(),
+    )
     reasons = sorted(i["reason"] for i in mine)
     assert any(r.startswith("not valid JSON") for r in reasons)
     assert any("reading 1: missing required field `ts`" in r for r in reasons)
@@ -125,7 +149,7 @@ async def test_a_backlog_that_arrives_late_and_out_of_order_is_kept_with_device_
     backlog = readings(3600, start=offline_from, step=timedelta(seconds=1), first_seq=100)
     live = readings(5, start=now - timedelta(minutes=1), first_seq=100 + len(backlog))
     before = readings(100, start=offline_from - timedelta(minutes=100))
-    batches = [backlog[i:i + 1000] for i in range(0, len(backlog), 1000)]
+    batches = [backlog[i : i + 1000] for i in range(0, len(backlog), 1000)]
     random.Random(7).shuffle(batches)
     messages = [(telemetry_topic(dewar), encode_reading(r)) for r in before + live]
     messages += [(telemetry_topic(dewar), encode_batch(list(reversed(b)))) for b in batches]
@@ -135,13 +159,15 @@ async def test_a_backlog_that_arrives_late_and_out_of_order_is_kept_with_device_
 
         async def stored() -> int:
             return await count_rows(
-                database_url, "SELECT count(*) FROM readings WHERE dewar_id = $1", dewar)
+                database_url, "SELECT count(*) FROM readings WHERE dewar_id = $1", dewar
+            )
 
         await eventually(stored, lambda n: n >= 3705)
     conn = await asyncpg.connect(database_url)
     try:
-        rows = await conn.fetch("SELECT seq, ts FROM readings WHERE dewar_id = $1 ORDER BY ts",
-                                dewar)
+        rows = await conn.fetch(
+            "SELECT seq, ts FROM readings WHERE dewar_id = $1 ORDER BY ts", dewar
+        )
         dead = await conn.fetchval("SELECT count(*) FROM dead_letters WHERE dewar_id = $1", dewar)
     finally:
         await conn.close()
@@ -156,14 +182,23 @@ async def test_device_status_is_recorded(database_url: str, mqtt_url: str, uniqu
     at = datetime.now(UTC).replace(microsecond=0)
     settings = service_settings(database_url, mqtt_url, f"svc-{unique}")
     async with running_service(settings):
-        publish_all(mqtt_url, [(status_topic(dewar), json.dumps(
-            {"state": "offline", "ts": at.isoformat()}).encode())], client_id=f"pub-{unique}")
+        publish_all(
+            mqtt_url,
+            [
+                (
+                    status_topic(dewar),
+                    json.dumps({"state": "offline", "ts": at.isoformat()}).encode(),
+                )
+            ],
+            client_id=f"pub-{unique}",
+        )
 
         async def status() -> str | None:
             conn = await asyncpg.connect(database_url)
             try:
                 value: str | None = await conn.fetchval(
-                    "SELECT status FROM dewars WHERE id = $1", dewar)
+                    "SELECT status FROM dewars WHERE id = $1", dewar
+                )
                 return value
             finally:
                 await conn.close()

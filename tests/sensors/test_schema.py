@@ -25,14 +25,29 @@ def raw(value: object) -> bytes:
 
 
 def test_a_full_reading_is_typed() -> None:
-    payload = raw(reading(ln2_level_pct=81.5, tilt_deg=3, shock_g=0.4, lid_open=False,
-                          battery_pct=97, lat=40.85, lon=-74.48))
+    payload = raw(
+        reading(
+            ln2_level_pct=81.5,
+            tilt_deg=3,
+            shock_g=0.4,
+            lid_open=False,
+            battery_pct=97,
+            lat=40.85,
+            lon=-74.48,
+        )
+    )
     parsed = parse_message(TOPIC, payload, NOW)
     assert parsed.rejections == []
     assert parsed.dewar_id == "DW-0001"
     (r,) = parsed.readings
     assert (r.seq, r.temp_c, r.ln2_level_pct, r.lid_open, r.lat, r.lon) == (
-        7, -190.2, 81.5, False, 40.85, -74.48)
+        7,
+        -190.2,
+        81.5,
+        False,
+        40.85,
+        -74.48,
+    )
     assert r.ts == datetime(2026, 11, 25, 11, 59, tzinfo=UTC)
 
 
@@ -75,14 +90,20 @@ BAD_READINGS: list[tuple[str, bytes, str]] = [
     ("ts without offset", raw(reading(ts="2026-11-25T11:59:00")), "offset"),
     ("ts not a time", raw(reading(ts="yesterday")), "RFC 3339"),
     ("ts a date only", raw(reading(ts="2026-11-25")), "RFC 3339"),
-    ("ts six minutes ahead", raw(reading(ts=(NOW + timedelta(minutes=6)).isoformat())),
-     "ahead of the service clock"),
+    (
+        "ts six minutes ahead",
+        raw(reading(ts=(NOW + timedelta(minutes=6)).isoformat())),
+        "ahead of the service clock",
+    ),
     ("empty batch", b"[]", "empty batch"),
 ]
 
 
-@pytest.mark.parametrize(("payload", "reason"), [(p, r) for _, p, r in BAD_READINGS],
-                         ids=[name for name, _, _ in BAD_READINGS])
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [(p, r) for _, p, r in BAD_READINGS],
+    ids=[name for name, _, _ in BAD_READINGS],
+)
 def test_bad_input_is_rejected_with_a_reason(payload: bytes, reason: str) -> None:
     parsed = parse_message(TOPIC, payload, NOW)
     assert parsed.readings == []
@@ -96,13 +117,16 @@ def test_a_clock_just_under_five_minutes_ahead_is_accepted() -> None:
     assert len(parse_message(TOPIC, raw(reading(ts=ts)), NOW).readings) == 1
 
 
-@pytest.mark.parametrize("topic", [
-    "coldchain/v1/dewars/has space/telemetry",
-    "coldchain/v1/dewars/" + "x" * 65 + "/telemetry",
-    "coldchain/v1/dewars/ü-1/telemetry",
-    "coldchain/v2/dewars/DW-1/telemetry",
-    "coldchain/v1/dewars//telemetry",
-])
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "coldchain/v1/dewars/has space/telemetry",
+        "coldchain/v1/dewars/" + "x" * 65 + "/telemetry",
+        "coldchain/v1/dewars/ü-1/telemetry",
+        "coldchain/v2/dewars/DW-1/telemetry",
+        "coldchain/v1/dewars//telemetry",
+    ],
+)
 def test_a_bad_dewar_id_or_topic_is_rejected(topic: str) -> None:
     parsed = parse_message(topic, raw(reading()), NOW)
     assert parsed.dewar_id is None and parsed.readings == []
@@ -123,18 +147,30 @@ def test_a_batch_over_the_limit_is_rejected() -> None:
 
 
 def test_in_a_batch_each_reading_is_judged_on_its_own() -> None:
-    items = [reading(seq=1), reading(seq=2, temp_c="warm"), 42, reading(seq=4, lat=1.0),
-             reading(seq=5, note="kept")]
+    items = [
+        reading(seq=1),
+        reading(seq=2, temp_c="warm"),
+        42,
+        reading(seq=4, lat=1.0),
+        reading(seq=5, note="kept"),
+    ]
     parsed = parse_message(TOPIC, raw(items), NOW)
     assert [r.seq for r in parsed.readings] == [1, 5]
     assert parsed.readings[1].extra == {"note": "kept"}
     assert [(j.index, j.reason.split(":")[0]) for j in parsed.rejections] == [
-        (1, "reading 1"), (2, "reading 2"), (3, "reading 3")]
+        (1, "reading 1"),
+        (2, "reading 2"),
+        (3, "reading 3"),
+    ]
     assert json.loads(parsed.rejections[0].raw)["temp_c"] == "warm"
 
 
 def test_a_batch_round_trips_through_the_encoder() -> None:
-    readings = [Reading(seq=i, ts=NOW - timedelta(minutes=10 - i), temp_c=-190.0 + i / 10,
-                        ln2_level_pct=80.0) for i in range(10)]
+    readings = [
+        Reading(
+            seq=i, ts=NOW - timedelta(minutes=10 - i), temp_c=-190.0 + i / 10, ln2_level_pct=80.0
+        )
+        for i in range(10)
+    ]
     parsed = parse_message(TOPIC, encode_batch(readings), NOW)
     assert parsed.readings == readings and parsed.rejections == []

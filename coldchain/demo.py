@@ -1,0 +1,172 @@
+"""`coldchain demo` and `coldchain simulate`: the whole system on one machine.
+
+The demo uses the configured PostgreSQL and broker when COLDCHAIN_DATABASE_URL /
+COLDCHAIN_MQTT_URL are set, and otherwise starts embedded ones (see `coldchain.embedded`). It
+runs the service and a simulated fleet with a mix of faults, prints where to look, and stops
+everything on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+from aiohttp import web
+
+from coldchain import keys
+from coldchain.app import create_app
+from coldchain.embedded import EmbeddedBroker, EmbeddedPostgres
+from coldchain.errors import ConfigError
+from coldchain.settings import Settings
+from sensors import FleetRunner, FleetStats, default_fault_mix, parse_faults
+
+logger = logging.getLogger(__name__)
+
+DEMO_FLEET_CLIENT_ID = "coldchain-demo-fleet"
+
+
+def _fleet(
+    settings: Settings,
+    *,
+    dewars: int,
+    interval_s: float,
+    speed: float,
+    faults_spec: str | None,
+    duration_s: float | None,
+    client_id: str,
+) -> FleetRunner:
+    if speed <= 0 or interval_s <= 0:
+        raise ConfigError("--speed and --interval must be positive")
+    try:
+        faults = default_fault_mix(dewars) if faults_spec is None else parse_faults(faults_spec)
+    except ValueError as exc:
+        raise ConfigError(f"--faults: {exc}") from exc
+    address = settings.mqtt
+    return FleetRunner(
+        address.host,
+        address.port,
+        dewars=dewars,
+        interval_s=interval_s,
+        speed=speed,
+        faults=faults,
+        duration_s=duration_s,
+        client_id=client_id,
+        username=address.username,
+        password=address.password,
+    )
+
+
+def _describe(stats: FleetStats) -> str:
+    return (
+        f"{stats.dewars} dewars: {stats.readings} readings taken, {stats.acknowledged} "
+        f"acknowledged by the broker, {stats.buffered} buffered, {stats.dropped} dropped"
+    )
+
+
+def simulate(
+    settings: Settings,
+    *,
+    dewars: int,
+    interval_s: float,
+    speed: float,
+    faults: str,
+    duration_s: float | None,
+) -> int:
+    """Publish a simulated fleet to the configured broker until the duration ends or Ctrl-C."""
+    runner = _fleet(
+        settings,
+        dewars=dewars,
+        interval_s=interval_s,
+        speed=speed,
+        faults_spec=faults,
+        duration_s=duration_s,
+        client_id=f"coldchain-simulator-{os.getpid()}",
+    )
+    print(
+        f"publishing {dewars} simulated dewars to {settings.mqtt.url} at {speed:g}x "
+        f"(Ctrl-C to stop)",
+        flush=True,
+    )
+    runner.start()
+    try:
+        while runner.running:
+            threading.Event().wait(0.5)
+    except KeyboardInterrupt:
+        pass
+    stats = runner.stop()
+    print(_describe(stats))
+    return 0 if stats.dropped == 0 else 1
+
+
+def demo(settings: Settings, *, dewars: int, speed: float, state_dir: str | None) -> int:
+    """Run embedded servers (unless configured), the service and a fleet until Ctrl-C."""
+    root = Path(state_dir or Path.home() / ".coldchain" / "demo").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    postgres: EmbeddedPostgres | None = None
+    broker: EmbeddedBroker | None = None
+    lines = []
+    try:
+        if "COLDCHAIN_DATABASE_URL" not in os.environ:
+            postgres = EmbeddedPostgres(root / "postgres")
+            settings = replace(settings, database_url=postgres.start())
+            lines.append(
+                f"  PostgreSQL   {settings.database_url}  (embedded; data in {postgres.data_dir})"
+            )
+        else:
+            lines.append("  PostgreSQL   from COLDCHAIN_DATABASE_URL")
+        if "COLDCHAIN_MQTT_URL" not in os.environ:
+            broker = EmbeddedBroker(root / "broker")
+            settings = replace(settings, mqtt_url=broker.start())
+            lines.append(f"  MQTT broker  {settings.mqtt_url}  (embedded {broker.kind})")
+        else:
+            lines.append(f"  MQTT broker  {settings.mqtt.url}  (from COLDCHAIN_MQTT_URL)")
+        runner = _fleet(
+            settings,
+            dewars=dewars,
+            interval_s=60.0,
+            speed=speed,
+            faults_spec=None,
+            duration_s=None,
+            client_id=DEMO_FLEET_CLIENT_ID,
+        )
+        base = f"http://{settings.http_host}:{settings.http_port}"
+        lines += [
+            f"  Service      {base}",
+            f"               {base}/readyz    ready when PostgreSQL and MQTT are reachable",
+            f"               {base}/metrics   ingest counters (Prometheus text)",
+            f"               {base}/api/v1/dead-letters   rejected messages and why",
+            f"  Fleet        {dewars} simulated dewars at {speed:g}x real time, with tipped "
+            "dewars, an open lid, a link loss, an LN2 exhaustion and a stuck sensor",
+            "Press Ctrl-C to stop everything.",
+        ]
+        app = create_app(settings)
+
+        async def fleet(app: web.Application) -> AsyncIterator[None]:
+            await app[keys.BROKER].wait_connected()
+            runner.start()
+            print("coldchain demo is running\n" + "\n".join(lines), flush=True)
+            yield
+            stats = await asyncio.to_thread(runner.stop, 15)
+            logger.info("fleet stopped: %s", _describe(stats))
+
+        app.cleanup_ctx.append(fleet)
+        web.run_app(
+            app,
+            host=settings.http_host,
+            port=settings.http_port,
+            print=None,
+            access_log=None,
+            shutdown_timeout=10,
+        )
+    finally:
+        if broker is not None:
+            broker.stop()
+        if postgres is not None:
+            postgres.stop()
+    print("coldchain demo stopped")
+    return 0
