@@ -90,6 +90,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         batch_size=settings.batch_size,
         flush_interval_s=settings.flush_interval_s,
         backoff_cap_s=settings.backoff_cap_s,
+        max_outstanding=settings.mqtt_receive_maximum,
     )
     topics = [TELEMETRY_FILTER, STATUS_FILTER]
     if settings.mqtt_shared_group:
@@ -103,6 +104,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         session_expiry_s=settings.mqtt_session_expiry_s,
         backoff_cap_s=settings.backoff_cap_s,
     )
+    ingest.attach(broker)
     app[keys.INGEST] = ingest
     app[keys.BROKER] = broker
 

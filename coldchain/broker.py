@@ -4,21 +4,37 @@ Why gmqtt and not paho here: paho's receive path costs about 100 µs of CPU per 
 this class of machine, which caps one process near 9,000 readings/s; gmqtt parses in the event
 loop at a fraction of that. Devices keep paho (see `sensors.publisher`).
 
-Acknowledgement after commit: the client is made with `optimistic_acknowledgement=False`, so
-gmqtt sends the PUBACK of a QoS 1 message only when our `on_message` coroutine returns. The
-ingest returns only once the reading (or its dead letter) is committed in PostgreSQL.
+Acknowledgement after commit: gmqtt would send each PUBACK when a per-message coroutine returns;
+a task per message and a socket write per PUBACK cost more than the rest of the ingest together.
+So the link takes QoS 1 publishes itself (it replaces the handler's QoS 1 hook on this client
+instance) and hands `(topic, payload, packet_id)` to a plain function. The ingest calls
+`acknowledge` with the packet ids of a batch once it is committed, and the PUBACKs of the batch
+leave in one write, in the order the publishes came. A packet id stays allocated in the session
+until it is acknowledged, so an acknowledgement that reaches a later connection of the same
+session still names the same message (which the broker has sent again, and which is stored once).
 
-Flow control: the session asks for MQTT 5 "Receive Maximum", so the broker never has more than
-that many unacknowledged messages out to us: this bounds the service's memory however far the
-database falls behind. The session is persistent (clean start off, a long expiry), so the broker
-queues what arrives while the service is down.
+Flow control: the session asks for MQTT 5 "Receive Maximum", so the broker should never have more
+than that many unacknowledged messages out to us. Mosquitto 2.0 (Debian 12's) was measured to keep
+to it only until acknowledgements start flowing (a client acknowledging in batches then had 6,500
+outstanding with a maximum of 10), so the service does not rely on it: `pause_reading` stops
+reading the socket while too much is outstanding, and TCP pushes back on the broker, which keeps
+the rest queued in the session. (gmqtt reads through an asyncio StreamReader, which resumes the
+transport whenever its buffer drains, so the pause gates gmqtt's own reads instead: the reader's
+buffer then fills, it pauses the transport itself, and TCP pushes back.) The session is persistent
+(clean start off, a long expiry), so the broker also queues what arrives while the service is
+down.
+
+gmqtt internals used (pinned to 0.8 in pyproject): `Client._package_handler`'s
+`_handle_qos_1_publish_packet(mid, payload, topic, properties)` hook, and the connection's
+protocol (its `read` coroutine) and transport. The ingest tests fail if any of them moves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import struct
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gmqtt
@@ -27,21 +43,15 @@ from coldchain.settings import MqttAddress
 
 logger = logging.getLogger(__name__)
 
-MessageHandler = Callable[[str, bytes], Awaitable[None]]
+# (topic, payload, packet id or None for QoS 0); must not block and must not raise for any input.
+MessageHandler = Callable[[str, bytes, int | None], None]
 
-
-class Unacknowledged(Exception):
-    """Raised by a handler to leave a message unacknowledged, so the broker delivers it again
-    on the next session (the service is stopping before the message was committed)."""
-
-
-_PUBACK_SUCCESS = 0
-_PUBACK_UNSPECIFIED_ERROR = 0x80
+_PUBACK = struct.Struct("!BBH")  # fixed header 0x40, remaining length 2, packet id
 
 
 class BrokerLink:
     """One persistent MQTT session: subscribes on every connect, reconnects with capped backoff,
-    and hands each message to `handler`, acknowledging it when the handler returns."""
+    hands each message to `handler`, and acknowledges what the caller says is committed."""
 
     def __init__(
         self,
@@ -60,6 +70,8 @@ class BrokerLink:
         self._backoff_cap_s = backoff_cap_s
         self._connected = asyncio.Event()
         self._closing = False
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._client: Any = gmqtt.Client(
             client_id,
             clean_session=False,
@@ -71,7 +83,8 @@ class BrokerLink:
             self._client.set_auth_credentials(address.username, address.password)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
+        self._client.on_message = self._on_qos0_message
+        self._client._package_handler._handle_qos_1_publish_packet = self._on_qos1_publish
         self._client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
 
     @property
@@ -101,18 +114,73 @@ class BrokerLink:
             return
 
     async def close(self) -> None:
+        """Disconnect; nothing can be acknowledged after this returns."""
         self._closing = True
         if self._client.is_connected:
             await self._client.disconnect()
 
+    def acknowledge(self, packet_ids: list[int]) -> None:
+        """Send the PUBACKs of committed messages, in one write. While disconnected they are
+        dropped: the broker sends those messages again and they are stored once."""
+        transport = self._transport()
+        if not packet_ids or transport is None or transport.is_closing():
+            return
+        transport.write(b"".join(_PUBACK.pack(0x40, 2, mid) for mid in packet_ids))
+
+    def pause_reading(self) -> None:
+        """Stop taking messages from the broker until `resume_reading` (back-pressure)."""
+        self._flowing.clear()
+
+    def resume_reading(self) -> None:
+        self._flowing.set()
+
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def _transport(self) -> asyncio.Transport | None:
+        connection = getattr(self._client, "_connection", None)
+        transport: asyncio.Transport | None = getattr(connection, "_transport", None)
+        return transport
+
+    def _gate_reads(self) -> None:
+        """Make this connection's read loop wait while the ingest is full."""
+        protocol = getattr(getattr(self._client, "_connection", None), "_protocol", None)
+        if protocol is None or getattr(protocol, "_coldchain_gated", False):
+            return
+        read = protocol.read
+        flowing = self._flowing
+
+        async def gated_read(n: int = -1) -> bytes:
+            await flowing.wait()
+            data: bytes = await read(n)
+            return data
+
+        protocol.read = gated_read
+        protocol._coldchain_gated = True
+
+    def _on_qos1_publish(self, mid: int, payload: bytes, topic: str, properties: Any) -> None:
+        self._deliver(topic, payload, mid)
+
+    def _on_qos0_message(
+        self, client: Any, topic: str, payload: bytes, qos: int, properties: Any
+    ) -> None:
+        # Only QoS 0 comes here: subscriptions are QoS 1, so the broker downgrades QoS 2.
+        self._deliver(topic, payload, None)
+
+    def _deliver(self, topic: str, payload: bytes, mid: int | None) -> None:
+        try:
+            self._handler(topic, payload, mid)
+        except Exception:
+            # The handler dead-letters bad input itself; reaching this is a bug. The message is
+            # left unacknowledged, so the broker delivers it again on the next session.
+            logger.exception("message on %s could not be handled; left unacknowledged", topic)
 
     def _on_connect(self, client: Any, flags: int, result: int, properties: Any) -> None:
         logger.info("connected to MQTT broker %s (session present: %s)", self._address.url, flags)
         client.reconnect_delay = 1
         for topic in self._subscriptions:
             client.subscribe(topic, qos=1)
+        self._gate_reads()  # each connection is new; a paused ingest stays paused across them
         self._connected.set()
 
     def _on_disconnect(self, client: Any, packet: Any, exc: BaseException | None = None) -> None:
@@ -120,24 +188,3 @@ class BrokerLink:
             logger.warning("lost the MQTT broker %s; reconnecting", self._address.url)
         self._connected.clear()
         client.reconnect_delay = min(max(client.reconnect_delay, 0.5) * 2, self._backoff_cap_s)
-
-    async def _on_message(
-        self, client: Any, topic: str, payload: bytes, qos: int, properties: Any
-    ) -> int:
-        try:
-            await self._handler(topic, payload)
-        except Unacknowledged:
-            if self._client.is_connected:
-                raise
-            # Disconnected: whatever gmqtt does with the reason code below cannot reach the
-            # broker, and returning quietly keeps a clean shutdown free of error logs.
-            return _PUBACK_UNSPECIFIED_ERROR
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # The handler dead-letters bad input itself; reaching this means it could not even
-            # do that. The message is left unacknowledged, so the broker delivers it again on
-            # the next session rather than it being lost.
-            logger.exception("message on %s could not be handled; left unacknowledged", topic)
-            raise
-        return _PUBACK_SUCCESS

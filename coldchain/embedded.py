@@ -143,6 +143,10 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         if (self.data_dir / "postmaster.pid").exists():
+            if self._user is not None:
+                from pgserver.utils import ensure_prefix_permissions
+
+                ensure_prefix_permissions(self.data_dir)  # a parent may have been re-created
             self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-m", "fast", "stop")
 
     def kill(self) -> None:
@@ -152,7 +156,12 @@ class EmbeddedPostgres:
             os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
 
     def destroy(self) -> None:
-        self.stop()
+        """Stop the server (killing it if it will not stop) and delete its data."""
+        try:
+            self.stop()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired):
+            logger.warning("embedded PostgreSQL in %s did not stop; killing it", self.data_dir)
+            self.kill()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
