@@ -98,6 +98,10 @@ class IngestMetrics:
             "coldchain_ingest_commit_failures_total",
             "Batch writes that failed: PostgreSQL was unavailable",
         )
+        self.read_pauses = r.counter(
+            "coldchain_ingest_read_pauses_total",
+            "Times the ingest held its limit of uncommitted messages and stopped reading",
+        )
         self.batch_size = r.histogram(
             "coldchain_ingest_batch_readings", "Readings per committed batch", _BATCH_BUCKETS
         )
@@ -192,6 +196,9 @@ class Ingest:
             and self.outstanding >= self._max_outstanding
         ):
             self._paused = True
+            logger.info(
+                "holding %d uncommitted messages: pausing reads from the broker", self.outstanding
+            )
             self._link.pause_reading()
 
     def _telemetry(
@@ -229,6 +236,10 @@ class Ingest:
                 self._link.acknowledge([p.packet_id for p in stored if p.packet_id is not None])
                 if self._paused and self.outstanding <= self._max_outstanding // 2:
                     self._paused = False
+                    logger.info(
+                        "down to %d uncommitted messages: reading from the broker again",
+                        self.outstanding,
+                    )
                     self._link.resume_reading()
 
     def abandon(self) -> None:
