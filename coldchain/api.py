@@ -1,23 +1,111 @@
-"""The HTTP API under /api/v1 (CONTRACT.md section 3): thin handlers over the store."""
+"""The HTTP API under /api/v1 (CONTRACT.md section 3): thin handlers over the store.
+
+Each handler names the permission it needs with `@requires`; the auth middleware checks it.
+Bodies are JSON, decoded into the wire models of `coldchain.schemas`; responses are encoded from
+them. Errors are raised as `ColdchainError`s and rendered by the error middleware.
+"""
 
 from __future__ import annotations
 
 import base64
+import binascii
+import re
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, TypeVar
 
+import msgspec
 from aiohttp import web
 
 from coldchain import keys
-from coldchain.errors import BadRequest
-from coldchain.store import StoredDeadLetter
+from coldchain.auth import Actor, Permission, new_token, token_hash
+from coldchain.errors import BadRequest, NotFound
+from coldchain.profiles import Profile, check
+from coldchain.schemas import (
+    AuditOut,
+    AuditPage,
+    BucketOut,
+    DeadLetterOut,
+    DeadLetterPage,
+    EventIn,
+    EventOut,
+    EventRecorded,
+    ProfileList,
+    ReadingOut,
+    ShipmentDetail,
+    ShipmentIn,
+    ShipmentOut,
+    ShipmentPage,
+    SiteList,
+    SiteOut,
+    StoredProfileOut,
+    TelemetryOut,
+    TokenCreated,
+    TokenIn,
+    TokenList,
+    TokenOut,
+)
+from coldchain.shipments import (
+    ID_PATTERN,
+    CustodyEvent,
+    Shipment,
+    Status,
+    new_shipment_id,
+)
+from coldchain.store import IncomingReading, StoredDeadLetter
+from routing import SiteKind
 
 routes = web.RouteTableDef()
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PERMISSION_ATTRIBUTE: Final = "coldchain_permission"
+T = TypeVar("T")
 
-def _int_param(
-    request: web.Request, name: str, default: int | None, *, low: int, high: int
-) -> int | None:
+_EVERY: Final = re.compile(r"([1-9]\d{0,5})(s|m|h|d)")
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_READINGS: Final = 10_000
+MAX_BUCKETS: Final = 10_000
+
+
+def requires(permission: Permission) -> Callable[[Handler], Handler]:
+    """Mark a handler with the permission the auth middleware must find in the caller's role."""
+
+    def mark(handler: Handler) -> Handler:
+        setattr(handler, PERMISSION_ATTRIBUTE, permission)
+        return handler
+
+    return mark
+
+
+def actor(request: web.Request) -> Actor:
+    found: Actor = request[keys.ACTOR]
+    return found
+
+
+def reply(value: object, status: int = 200) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(value), status=status, content_type="application/json"
+    )
+
+
+async def decode_body(request: web.Request, kind: type[T]) -> T:
+    """The JSON body as `kind`, or a 4xx that says what is wrong with it."""
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(
+            reason=f"send JSON with Content-Type: application/json, not {request.content_type!r}"
+        )
+    data = await request.read()
+    try:
+        return msgspec.json.decode(data, type=kind)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid body: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+
+
+def _int(request: web.Request, name: str, default: int, *, low: int, high: int) -> int:
     raw = request.query.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         value = int(raw)
@@ -28,34 +116,431 @@ def _int_param(
     return value
 
 
-def _dead_letter_json(d: StoredDeadLetter) -> dict[str, object]:
+def _text(request: web.Request, name: str) -> str | None:
+    """An optional text parameter: absent is None; present it must not be empty."""
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    if raw == "":
+        raise BadRequest(f"query parameter {name} is empty; leave it out instead")
+    return raw
+
+
+def _instant(request: web.Request, name: str) -> datetime | None:
+    raw = _text(request, name)
+    if raw is None:
+        return None
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError as exc:
+        raise BadRequest(
+            f"query parameter {name} must be an RFC 3339 time, got {raw[:40]!r}"
+        ) from exc
+    if value.tzinfo is None:
+        raise BadRequest(f"query parameter {name} needs an offset (Z or +hh:mm)")
+    return value.astimezone(UTC)
+
+
+def _every(raw: str) -> timedelta:
+    match = _EVERY.fullmatch(raw)
+    if match is None:
+        raise BadRequest(f"every must be a positive width like 30s, 5m, 1h or 1d, got {raw[:40]!r}")
+    return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+
+
+def _cursor(*parts: str) -> str:
+    return base64.urlsafe_b64encode("\n".join(parts).encode()).decode()
+
+
+def _uncursor(raw: str, count: int) -> list[str]:
+    try:
+        parts = base64.urlsafe_b64decode(raw.encode()).decode().split("\n")
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest("bad page cursor; use the `next` link of the previous page") from exc
+    if len(parts) != count:
+        raise BadRequest("bad page cursor; use the `next` link of the previous page")
+    return parts
+
+
+def _shipment_id(request: web.Request) -> str:
+    shipment_id = request.match_info["shipment_id"]
+    if not ID_PATTERN.fullmatch(shipment_id):
+        raise NotFound("no such shipment (ids are 1-64 of A-Z a-z 0-9 . _ -)")
+    return shipment_id
+
+
+def shipment_out(s: Shipment) -> ShipmentOut:
+    return ShipmentOut(
+        id=s.id,
+        dewar_id=s.dewar_id,
+        profile=s.profile,
+        origin=s.origin,
+        destination=s.destination,
+        deliver_by=s.deliver_by,
+        planned_departure=s.planned_departure,
+        chain_of_identity=s.chain_of_identity,
+        status=s.status,
+        created_at=s.created_at,
+        created_by=s.created_by,
+        starts_at=s.starts_at,
+        ends_at=s.ends_at,
+    )
+
+
+def event_out(e: CustodyEvent) -> EventOut:
+    return EventOut(
+        id=e.id,
+        type=e.type,
+        at=e.at,
+        location=e.location,
+        note=e.note,
+        actor=e.actor,
+        recorded_at=e.recorded_at,
+    )
+
+
+def reading_out(item: IncomingReading) -> ReadingOut:
+    r = item.reading
+    return ReadingOut(
+        seq=r.seq,
+        ts=r.ts,
+        received_at=item.received_at,
+        temp_c=r.temp_c,
+        ln2_level_pct=r.ln2_level_pct,
+        tilt_deg=r.tilt_deg,
+        shock_g=r.shock_g,
+        lid_open=r.lid_open,
+        battery_pct=r.battery_pct,
+        lat=r.lat,
+        lon=r.lon,
+        extra=r.extra,
+    )
+
+
+# Shipments -----------------------------------------------------------------------------------
+
+
+@routes.get("/api/v1/shipments")
+@requires(Permission.READ)
+async def list_shipments(request: web.Request) -> web.Response:
+    """Shipments, newest first; filter with `status`, page with `limit` and `next`."""
+    raw_status = _text(request, "status")
+    try:
+        status = Status(raw_status) if raw_status is not None else None
+    except ValueError as exc:
+        raise BadRequest(f"status must be one of {', '.join(Status)}") from exc
+    limit = _int(request, "limit", 50, low=1, high=500)
+    before = None
+    cursor = _text(request, "cursor")
+    if cursor is not None:
+        at, shipment_id = _uncursor(cursor, 2)
+        try:
+            before = (datetime.fromisoformat(at), shipment_id)
+        except ValueError as exc:
+            raise BadRequest("bad page cursor") from exc
+    rows = await request.app[keys.STORE].shipments(status=status, limit=limit, before=before)
+    next_link = None
+    if len(rows) == limit:
+        last = rows[-1]
+        query = f"limit={limit}&cursor={_cursor(last.created_at.isoformat(), last.id)}"
+        if status is not None:
+            query += f"&status={status}"
+        next_link = f"/api/v1/shipments?{query}"
+    return reply(ShipmentPage([shipment_out(s) for s in rows], next_link))
+
+
+@routes.post("/api/v1/shipments")
+@requires(Permission.SHIPMENTS)
+async def create_shipment(request: web.Request) -> web.Response:
+    """Create a shipment for a dewar, with a product profile and origin/destination sites."""
+    body = await decode_body(request, ShipmentIn)
+    if body.origin == body.destination:
+        raise BadRequest("origin and destination must be different sites")
+    now = datetime.now(UTC)
+    who = actor(request)
+    shipment = Shipment(
+        id=body.id or new_shipment_id(now),
+        dewar_id=body.dewar_id,
+        profile=body.profile,
+        origin=body.origin,
+        destination=body.destination,
+        deliver_by=body.deliver_by,
+        planned_departure=body.planned_departure,
+        chain_of_identity=body.chain_of_identity,
+        status=Status.CREATED,
+        created_at=now,
+        created_by=who.label,
+        starts_at=now,
+        ends_at=None,
+    )
+    created = await request.app[keys.STORE].create_shipment(shipment, who)
+    response = reply(shipment_out(created), status=201)
+    response.headers["Location"] = f"/api/v1/shipments/{created.id}"
+    return response
+
+
+@routes.get("/api/v1/shipments/{shipment_id}")
+@requires(Permission.READ)
+async def get_shipment(request: web.Request) -> web.Response:
+    """A shipment with its last reading, custody events, open alarms, hold forecast and route."""
+    store = request.app[keys.STORE]
+    shipment = await store.shipment(_shipment_id(request))
+    last = await store.last_reading(shipment)
+    events = await store.events(shipment.id)
+    last_seen = None
+    if last is not None:
+        last_seen = (datetime.now(UTC) - last.received_at).total_seconds()
+    detail = ShipmentDetail(
+        shipment=shipment_out(shipment),
+        last_reading=None if last is None else reading_out(last),
+        last_seen_s=last_seen,
+        events=[event_out(e) for e in events],
+        open_alarms=[],
+        hold=None,
+        route=None,
+    )
+    return reply(detail)
+
+
+@routes.post("/api/v1/shipments/{shipment_id}/events")
+@requires(Permission.CUSTODY)
+async def record_event(request: web.Request) -> web.Response:
+    """Record a custody or status event; the actor comes from the token."""
+    shipment_id = _shipment_id(request)
+    body = await decode_body(request, EventIn)
+    at = (body.at or datetime.now(UTC)).astimezone(UTC)
+    shipment, event = await request.app[keys.STORE].record_event(
+        shipment_id, body.type, at, body.location, body.note, actor(request)
+    )
+    return reply(EventRecorded(event_out(event), shipment_out(shipment)), status=201)
+
+
+@routes.get("/api/v1/shipments/{shipment_id}/telemetry")
+@requires(Permission.READ)
+async def telemetry(request: web.Request) -> web.Response:
+    """Readings in [`from`, `to`) of device time, or with `every=5m` min/max/mean buckets."""
+    store = request.app[keys.STORE]
+    shipment = await store.shipment(_shipment_id(request))
+    start, end = _instant(request, "from"), _instant(request, "to")
+    if start is not None and end is not None and end <= start:
+        raise BadRequest("`to` must be after `from`")
+    every = _text(request, "every")
+    lower = shipment.starts_at if start is None else max(start, shipment.starts_at)
+    if every:
+        step = _every(every)
+        limit = _int(request, "limit", MAX_BUCKETS, low=1, high=MAX_BUCKETS)
+        buckets = await store.shipment_buckets(shipment, start, end, step, limit + 1)
+        out = [
+            BucketOut(
+                b.start,
+                b.count,
+                b.temp_min,
+                b.temp_max,
+                b.temp_mean,
+                b.ln2_min,
+                b.ln2_max,
+                b.ln2_mean,
+            )
+            for b in buckets[:limit]
+        ]
+        return reply(
+            TelemetryOut(
+                shipment.id,
+                shipment.dewar_id,
+                lower,
+                end,
+                step.total_seconds(),
+                buckets=out,
+                truncated=len(buckets) > limit,
+            )
+        )
+    limit = _int(request, "limit", MAX_READINGS, low=1, high=MAX_READINGS)
+    readings = await store.shipment_readings(shipment, start, end, limit + 1)
+    return reply(
+        TelemetryOut(
+            shipment.id,
+            shipment.dewar_id,
+            lower,
+            end,
+            None,
+            readings=[reading_out(r) for r in readings[:limit]],
+            truncated=len(readings) > limit,
+        )
+    )
+
+
+# Profiles and sites --------------------------------------------------------------------------
+
+
+@routes.get("/api/v1/profiles")
+@requires(Permission.READ)
+async def list_profiles(request: web.Request) -> web.Response:
+    rows = await request.app[keys.STORE].profiles()
+    return reply(ProfileList([StoredProfileOut(p.profile, p.built_in, p.updated_at) for p in rows]))
+
+
+@routes.put("/api/v1/profiles/{name}")
+@requires(Permission.PROFILES)
+async def put_profile(request: web.Request) -> web.Response:
+    """Create or replace a product profile (admins)."""
+    name = request.match_info["name"]
+    profile = await decode_body(request, Profile)
+    if profile.name != name:
+        raise BadRequest(f"the body's name {profile.name!r} differs from the path's {name!r}")
+    try:
+        check(profile)
+    except ValueError as exc:
+        raise BadRequest(f"invalid profile: {exc}") from exc
+    store = request.app[keys.STORE]
+    created = await store.put_profile(profile, actor(request))
+    stored = await store.profile(name)
+    if stored is None:
+        raise NotFound(f"no profile {name!r}")
+    return reply(
+        StoredProfileOut(stored.profile, stored.built_in, stored.updated_at),
+        status=201 if created else 200,
+    )
+
+
+@routes.get("/api/v1/sites")
+@requires(Permission.READ)
+async def list_sites(request: web.Request) -> web.Response:
+    """The route network's sites; filter with `kind`."""
+    raw = _text(request, "kind")
+    try:
+        kind = SiteKind(raw) if raw is not None else None
+    except ValueError as exc:
+        raise BadRequest(f"kind must be one of {', '.join(SiteKind)}") from exc
+    sites = await request.app[keys.STORE].sites(kind)
+    return reply(
+        SiteList(
+            [
+                SiteOut(
+                    id=s.id,
+                    name=s.name,
+                    kind=str(s.kind),
+                    lat=s.lat,
+                    lon=s.lon,
+                    tz=s.tz,
+                    country=s.country,
+                    iata=s.iata,
+                    ln2_recharge=s.ln2_recharge,
+                    customs_minutes=s.customs_minutes,
+                    connect_minutes=s.connect_minutes,
+                    recovery_minutes=s.recovery_minutes,
+                    opens=s.hours.opens if s.hours else None,
+                    closes=s.hours.closes if s.hours else None,
+                )
+                for s in sites
+            ]
+        )
+    )
+
+
+# Dead letters, audit, tokens -----------------------------------------------------------------
+
+
+def _dead_letter_out(d: StoredDeadLetter) -> DeadLetterOut:
     try:
         text: str | None = d.payload.decode("utf-8")
     except UnicodeDecodeError:
         text = None
-    return {
-        "id": d.id,
-        "received_at": d.received_at.isoformat(),
-        "topic": d.topic,
-        "dewar_id": d.dewar_id,
-        "item_index": d.item_index,
-        "reason": d.reason,
-        "size": len(d.payload),
-        "payload": text,
-        "payload_base64": base64.b64encode(d.payload).decode() if text is None else None,
-    }
+    return DeadLetterOut(
+        id=d.id,
+        received_at=d.received_at,
+        topic=d.topic,
+        dewar_id=d.dewar_id,
+        item_index=d.item_index,
+        reason=d.reason,
+        size=len(d.payload),
+        payload=text,
+        payload_base64=base64.b64encode(d.payload).decode() if text is None else None,
+    )
 
 
 @routes.get("/api/v1/dead-letters")
+@requires(Permission.READ)
 async def dead_letters(request: web.Request) -> web.Response:
     """Rejected messages with their reasons, newest first; `before` pages back by id."""
-    limit = _int_param(request, "limit", 100, low=1, high=1000)
-    before = _int_param(request, "before", None, low=1, high=2**63 - 1)
-    dewar_id = request.query.get("dewar_id") or None
+    limit = _int(request, "limit", 100, low=1, high=1000)
+    before = _int(request, "before", 0, low=0, high=2**63 - 1) or None
+    dewar_id = _text(request, "dewar_id")
     rows = await request.app[keys.STORE].dead_letters(
-        limit=limit or 100, before_id=before, dewar_id=dewar_id
+        limit=limit, before_id=before, dewar_id=dewar_id
     )
-    body: dict[str, object] = {"items": [_dead_letter_json(d) for d in rows]}
+    next_link = None
     if rows and len(rows) == limit:
-        body["next"] = f"/api/v1/dead-letters?limit={limit}&before={rows[-1].id}"
-    return web.json_response(body)
+        next_link = f"/api/v1/dead-letters?limit={limit}&before={rows[-1].id}"
+    return reply(DeadLetterPage([_dead_letter_out(d) for d in rows], next_link))
+
+
+@routes.get("/api/v1/audit")
+@requires(Permission.AUDIT)
+async def audit(request: web.Request) -> web.Response:
+    """The append-only audit trail, newest first (admins)."""
+    limit = _int(request, "limit", 100, low=1, high=1000)
+    before = _int(request, "before", 0, low=0, high=2**63 - 1) or None
+    rows = await request.app[keys.STORE].audit_entries(
+        entity=_text(request, "entity"),
+        entity_id=_text(request, "entity_id"),
+        limit=limit,
+        before=before,
+    )
+    next_link = None
+    if rows and len(rows) == limit:
+        next_link = f"/api/v1/audit?limit={limit}&before={rows[-1].id}"
+    return reply(
+        AuditPage(
+            [
+                AuditOut(a.id, a.at, a.actor, a.action, a.entity, a.entity_id, a.detail)
+                for a in rows
+            ],
+            next_link,
+        )
+    )
+
+
+@routes.get("/api/v1/tokens")
+@requires(Permission.TOKENS)
+async def list_tokens(request: web.Request) -> web.Response:
+    rows = await request.app[keys.STORE].tokens()
+    return reply(
+        TokenList(
+            [TokenOut(t.id, t.name, t.role, t.created_at, t.expires_at, t.revoked_at) for t in rows]
+        )
+    )
+
+
+@routes.post("/api/v1/tokens")
+@requires(Permission.TOKENS)
+async def create_token(request: web.Request) -> web.Response:
+    """Make a token; the response is the only time it is shown."""
+    body = await decode_body(request, TokenIn)
+    expires = None
+    if body.expires_in_days is not None:
+        expires = datetime.now(UTC) + timedelta(days=body.expires_in_days)
+    token = new_token()
+    token_id = await request.app[keys.STORE].create_token(
+        body.name, body.role, token_hash(token), expires, actor(request).label
+    )
+    return reply(TokenCreated(token_id, token, body.name, body.role, expires), status=201)
+
+
+@routes.delete("/api/v1/tokens/{token_id}")
+@requires(Permission.TOKENS)
+async def revoke_token(request: web.Request) -> web.Response:
+    raw = request.match_info["token_id"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise NotFound("no such token")
+    await request.app[keys.STORE].revoke_token(int(raw), actor(request).label)
+    return web.Response(status=204)
+
+
+def public(handler: Handler) -> bool:
+    """True for handlers that need no token (health, metrics, the API document, static files)."""
+    return getattr(handler, PERMISSION_ATTRIBUTE, None) is None
+
+
+def permission_of(handler: Any) -> Permission | None:
+    found: Permission | None = getattr(handler, PERMISSION_ATTRIBUTE, None)
+    return found

@@ -10,12 +10,13 @@ from typing import Any
 
 from aiohttp import web
 
-from coldchain import api, health, keys
+from coldchain import api, health, keys, openapi
+from coldchain.auth import FailureLimiter
 from coldchain.broker import BrokerLink
 from coldchain.errors import StoreUnavailable
 from coldchain.ingest import Ingest
 from coldchain.metrics import Registry
-from coldchain.middleware import errors
+from coldchain.middleware import authenticate, errors
 from coldchain.settings import Settings
 from coldchain.store import Store
 from sensors import STATUS_FILTER, TELEMETRY_FILTER, shared
@@ -26,11 +27,13 @@ _MAX_BODY = 1024 * 1024
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=_MAX_BODY)
+    app = web.Application(middlewares=[errors, authenticate], client_max_size=_MAX_BODY)
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = Registry()
+    app[keys.AUTH_FAILURES] = FailureLimiter()
     app.add_routes(health.routes)
     app.add_routes(api.routes)
+    app.add_routes(openapi.routes)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_ingest)
     return app

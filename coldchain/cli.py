@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
-from coldchain.errors import ColdchainError
+from coldchain.auth import Role, new_token, token_hash
+from coldchain.errors import ColdchainError, ConfigError
 from coldchain.settings import Settings
+from coldchain.store import ImportReport, Store
 
 logger = logging.getLogger("coldchain")
+T = TypeVar("T")
 
 
 def _configure_logging(level: str) -> None:
@@ -67,6 +73,103 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     return demo(settings, dewars=args.dewars, speed=args.speed, state_dir=args.state_dir)
 
 
+def _store_call(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
+    """Run one unit of work against the database (migrated first) and close the pool."""
+
+    async def go() -> T:
+        store = await Store.open(settings.database_url, max_size=2)
+        try:
+            await store.migrate()
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def _token_create(args: argparse.Namespace, settings: Settings) -> int:
+    role = Role(args.role)
+    expires = None
+    if args.expires_in_days is not None:
+        expires = datetime.now(UTC) + timedelta(days=args.expires_in_days)
+    token = new_token()
+    who = f"cli:{getpass.getuser()}"
+    token_id = _store_call(
+        settings, lambda s: s.create_token(args.name, role, token_hash(token), expires, who)
+    )
+    print(token)
+    print(
+        f"token {token_id} for {args.name!r} ({role}); it is shown only this once", file=sys.stderr
+    )
+    return 0
+
+
+def _token_list(args: argparse.Namespace, settings: Settings) -> int:
+    tokens = _store_call(settings, lambda s: s.tokens())
+    print(f"{'id':>4}  {'role':8}  {'state':8}  {'expires':25}  name")
+    now = datetime.now(UTC)
+    for t in tokens:
+        state = (
+            "revoked"
+            if t.revoked_at
+            else ("expired" if t.expires_at and t.expires_at <= now else "active")
+        )
+        expires = t.expires_at.isoformat(timespec="seconds") if t.expires_at else "never"
+        print(f"{t.id:>4}  {t.role:8}  {state:8}  {expires:25}  {t.name}")
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    who = f"cli:{getpass.getuser()}"
+    _store_call(settings, lambda s: s.revoke_token(args.id, who))
+    print(f"token {args.id} revoked")
+    return 0
+
+
+def _network_import(args: argparse.Namespace, settings: Settings) -> int:
+    from routing import NetworkFileError, parse_flights, parse_lanes, parse_sites
+
+    if not (args.sites or args.lanes or args.flights):
+        raise ConfigError("give at least one of --sites, --lanes, --flights")
+    who = f"cli:{getpass.getuser()}"
+
+    def read(path: str) -> list[str]:
+        try:
+            with open(path, encoding="utf-8", newline="") as stream:
+                return list(stream)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+
+    async def work(store: Store) -> list[tuple[str, ImportReport]]:
+        reports = []
+        known = {s.id: s for s in await store.sites()}
+        if args.sites:
+            sites = parse_sites(read(args.sites), source=args.sites)
+            reports.append(("sites", await store.import_sites(sites, who)))
+            known.update({s.id: s for s in sites})
+        if args.lanes:
+            lanes = parse_lanes(read(args.lanes), known.values(), source=args.lanes)
+            reports.append(("lanes", await store.import_lanes(lanes, who)))
+        if args.flights:
+            flights = parse_flights(read(args.flights), known.values(), source=args.flights)
+            reports.append(("flights", await store.import_flights(flights, who)))
+        return reports
+
+    try:
+        reports = _store_call(settings, work)
+    except NetworkFileError as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        print("nothing from that file was applied", file=sys.stderr)
+        return 1
+    for what, report in reports:
+        print(
+            f"{what}: {len(report.added)} added, {len(report.updated)} updated, "
+            f"{report.unchanged} unchanged"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coldchain",
@@ -104,6 +207,41 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="stop after this many real seconds (default: run until Ctrl-C)",
     )
+
+    token = commands.add_parser(
+        "token",
+        help="make, list and revoke API tokens",
+        description="API tokens: printed once, stored hashed.",
+    )
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = token_commands.add_parser("create", help="make a token and print it once")
+    create.set_defaults(handler=_token_create)
+    create.add_argument("--role", required=True, choices=[r.value for r in Role])
+    create.add_argument("--name", required=True, help="who or what will use it")
+    create.add_argument("--expires-in-days", type=float, default=None)
+    token_commands.add_parser("list", help="list tokens (never their secrets)").set_defaults(
+        handler=_token_list
+    )
+    revoke = token_commands.add_parser("revoke", help="revoke a token by id")
+    revoke.set_defaults(handler=_token_revoke)
+    revoke.add_argument("id", type=int)
+
+    network = commands.add_parser(
+        "network", help="the route network", description="The route network: sites, lanes, flights."
+    )
+    network_commands = network.add_subparsers(
+        dest="network_command", required=True, metavar="ACTION"
+    )
+    imp = network_commands.add_parser(
+        "import",
+        help="add or update sites, lanes and flights from CSV files",
+        description="Add or update by id; never removes a site. A bad row is reported with "
+        "its file and line, and nothing from that file is applied.",
+    )
+    imp.set_defaults(handler=_network_import)
+    imp.add_argument("--sites", help="sites.csv")
+    imp.add_argument("--lanes", help="lanes.csv")
+    imp.add_argument("--flights", help="flights.csv")
 
     demo = command(
         "demo",

@@ -43,3 +43,22 @@ class StoreUnavailable(ColdchainError):
 
     status = 503
     code = "store_unavailable"
+
+
+class Unauthorized(ColdchainError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ColdchainError):
+    status = 403
+    code = "forbidden"
+
+
+class TooManyRequests(ColdchainError):
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -1,4 +1,6 @@
-"""Turns every error into the contract's JSON body; a client never sees a stack trace."""
+"""The request pipeline: errors become the contract's JSON body (a client never sees a stack
+trace, SQL or an internal name), and every endpoint that is not public needs a bearer token whose
+role allows what the endpoint does."""
 
 from __future__ import annotations
 
@@ -7,7 +9,11 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from coldchain.errors import ColdchainError
+from coldchain import keys
+from coldchain.api import permission_of
+from coldchain.auth import looks_like_token, token_hash
+from coldchain.errors import ColdchainError, Forbidden, TooManyRequests, Unauthorized
+from coldchain.store import TokenRejected
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +42,56 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ColdchainError as exc:
         if exc.status >= 500:
             logger.warning("%s %s failed: %s", request.method, request.path, exc.message)
-        return error_body(exc.status, exc.code, exc.message)
+        response = error_body(exc.status, exc.code, exc.message)
+        if isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="coldchain"'
+        if isinstance(exc, TooManyRequests):
+            response.headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = _HTTP_CODES.get(exc.status, "http_error")
-        return error_body(exc.status, code, exc.reason)
+        response = error_body(exc.status, code, exc.reason)
+        for header in ("Allow", "Retry-After"):
+            if header in exc.headers:
+                response.headers[header] = exc.headers[header]
+        return response
     except Exception:
         logger.exception("unexpected error on %s %s", request.method, request.path)
         return error_body(500, "internal", "internal error; the service logged the details")
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Resolve the bearer token to an actor and check the endpoint's permission."""
+    permission = permission_of(request.match_info.handler)
+    if permission is None:
+        return await handler(request)
+    limiter = request.app[keys.AUTH_FAILURES]
+    client = request.remote or "unknown"
+    wait = limiter.retry_after(client)
+    if wait > 0:
+        raise TooManyRequests(
+            f"too many failed authentications from this address; try again in {wait:.0f} s", wait
+        )
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if not header:
+        raise Unauthorized(
+            "this endpoint needs Authorization: Bearer <token> "
+            "(make one with `coldchain token create`)"
+        )
+    if scheme.lower() != "bearer" or not looks_like_token(token):
+        limiter.failed(client)
+        raise Unauthorized("malformed Authorization header: expected Bearer <token>")
+    try:
+        actor = await request.app[keys.STORE].actor_for(token_hash(token))
+    except TokenRejected as exc:
+        limiter.failed(client)
+        raise Unauthorized(str(exc)) from exc
+    if not actor.may(permission):
+        raise Forbidden(f"role {actor.role} may not do this (needs '{permission}')")
+    request[keys.ACTOR] = actor
+    return await handler(request)

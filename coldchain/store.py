@@ -12,14 +12,18 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Self
 
 import asyncpg
 import msgspec
 
-from coldchain.errors import StoreUnavailable
+from coldchain.auth import Actor, Role
+from coldchain.errors import BadRequest, Conflict, NotFound, StoreUnavailable
+from coldchain.profiles import BUILT_IN, Profile
+from coldchain.shipments import AuditEntry, CustodyEvent, EventType, Shipment, Status, next_status
+from routing import Flight, Lane, LaneMode, ReceivingHours, Site, SiteKind
 from sensors import Reading
 
 logger = logging.getLogger(__name__)
@@ -168,14 +172,14 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.execute(_STAGE_DDL)
 
 
-class Store:
-    """A pool of connections to PostgreSQL and every query the service makes."""
+class TelemetryStore:
+    """A pool of connections to PostgreSQL and the queries of the ingest."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
     @classmethod
-    async def open(cls, url: str, *, max_size: int = 4, connect_timeout: float = 5.0) -> Store:
+    async def open(cls, url: str, *, max_size: int = 4, connect_timeout: float = 5.0) -> Self:
         """A pool that connects lazily, so the service starts while PostgreSQL is still down."""
         pool = await asyncpg.create_pool(
             url,
@@ -198,6 +202,9 @@ class Store:
                 yield conn
         except _TRANSIENT as exc:
             raise StoreUnavailable(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}") from exc
+        except asyncpg.exceptions.CharacterNotInRepertoireError as exc:
+            # Text PostgreSQL cannot hold (a NUL character): the caller's input, not our fault.
+            raise BadRequest("text with a NUL character cannot be stored or searched") from exc
 
     async def ping(self) -> None:
         """Raise StoreUnavailable unless a round trip to PostgreSQL succeeds."""
@@ -229,6 +236,12 @@ class Store:
                         )
                     logger.info("applied migration %03d_%s", migration.version, migration.name)
                     applied.append(migration)
+                # Built-in profiles exist after every migrate; an admin's edits are kept.
+                await conn.executemany(
+                    "INSERT INTO profiles (name, body, built_in) VALUES ($1, $2, true)"
+                    " ON CONFLICT (name) DO NOTHING",
+                    [(p.name, msgspec.to_builtins(p)) for p in BUILT_IN],
+                )
                 return applied
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
@@ -374,3 +387,711 @@ def _incoming(row: asyncpg.Record) -> IncomingReading:
         extra=row["extra"],
     )
     return IncomingReading(row["dewar_id"], reading, row["received_at"])
+
+
+# --- shipments, sites, profiles, tokens, audit ------------------------------------------------
+
+_profile_decoder: Final = msgspec.json.Decoder(Profile)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredProfile:
+    profile: Profile
+    built_in: bool
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ImportReport:
+    """What an import changed, by id."""
+
+    added: list[str]
+    updated: list[str]
+    unchanged: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    id: int
+    name: str
+    role: Role
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    start: datetime
+    count: int
+    temp_min: float
+    temp_max: float
+    temp_mean: float
+    ln2_min: float | None
+    ln2_max: float | None
+    ln2_mean: float | None
+
+
+class TokenRejected(Exception):
+    """Why a presented token does not authenticate (unknown, revoked or expired)."""
+
+
+def _shipment(row: asyncpg.Record) -> Shipment:
+    return Shipment(
+        id=row["id"],
+        dewar_id=row["dewar_id"],
+        profile=row["profile"],
+        origin=row["origin"],
+        destination=row["destination"],
+        deliver_by=row["deliver_by"],
+        planned_departure=row["planned_departure"],
+        chain_of_identity=row["chain_of_identity"],
+        status=Status(row["status"]),
+        created_at=row["created_at"],
+        created_by=row["created_by"],
+        starts_at=row["starts_at"],
+        ends_at=row["ends_at"],
+    )
+
+
+def _event(row: asyncpg.Record) -> CustodyEvent:
+    return CustodyEvent(
+        id=row["id"],
+        shipment_id=row["shipment_id"],
+        type=EventType(row["type"]),
+        at=row["at"],
+        location=row["location"],
+        note=row["note"],
+        actor=row["actor"],
+        recorded_at=row["recorded_at"],
+    )
+
+
+def _site(row: asyncpg.Record) -> Site:
+    hours = None
+    if row["opens"] is not None and row["closes"] is not None:
+        hours = ReceivingHours(row["opens"], row["closes"])
+    return Site(
+        id=row["id"],
+        name=row["name"],
+        kind=SiteKind(row["kind"]),
+        lat=row["lat"],
+        lon=row["lon"],
+        tz=row["tz"],
+        country=row["country"],
+        iata=row["iata"],
+        ln2_recharge=row["ln2_recharge"],
+        customs_minutes=row["customs_minutes"],
+        connect_minutes=row["connect_minutes"],
+        recovery_minutes=row["recovery_minutes"],
+        hours=hours,
+    )
+
+
+def _site_values(site: Site) -> tuple[Any, ...]:
+    return (
+        site.id,
+        site.name,
+        str(site.kind),
+        site.lat,
+        site.lon,
+        site.tz,
+        site.iata,
+        site.country,
+        site.ln2_recharge,
+        site.customs_minutes,
+        site.connect_minutes,
+        site.recovery_minutes,
+        site.hours.opens if site.hours else None,
+        site.hours.closes if site.hours else None,
+    )
+
+
+async def _audit(
+    conn: Connection, actor: str, action: str, entity: str, entity_id: str, detail: object = None
+) -> None:
+    await conn.execute(
+        "INSERT INTO audit_log (actor, action, entity, entity_id, detail)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        actor,
+        action,
+        entity,
+        entity_id,
+        detail,
+    )
+
+
+class Store(TelemetryStore):
+    """Every query the service makes: the ingest's, and those about shipments, custody, sites,
+    profiles, tokens and the audit log."""
+
+    # Profiles ------------------------------------------------------------------------------
+
+    async def profiles(self) -> list[StoredProfile]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT name, body, built_in, updated_at FROM profiles ORDER BY name"
+            )
+        return [_stored_profile(r) for r in rows]
+
+    async def profile(self, name: str) -> StoredProfile | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT name, body, built_in, updated_at FROM profiles WHERE name = $1", name
+            )
+        return None if row is None else _stored_profile(row)
+
+    async def put_profile(self, profile: Profile, actor: Actor) -> bool:
+        """Create or replace a profile; True when it was created."""
+        body = msgspec.to_builtins(profile)
+        async with self._connection() as conn, conn.transaction():
+            before = await conn.fetchval(
+                "SELECT body FROM profiles WHERE name = $1 FOR UPDATE", profile.name
+            )
+            await conn.execute(
+                "INSERT INTO profiles (name, body) VALUES ($1, $2) ON CONFLICT (name)"
+                " DO UPDATE SET body = EXCLUDED.body, updated_at = now()",
+                profile.name,
+                body,
+            )
+            await _audit(
+                conn,
+                actor.label,
+                "profile.created" if before is None else "profile.updated",
+                "profile",
+                profile.name,
+                {"before": before, "after": body},
+            )
+        return before is None
+
+    # Sites and the route network -----------------------------------------------------------
+
+    async def sites(self, kind: SiteKind | None = None) -> list[Site]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM sites WHERE ($1::text IS NULL OR kind = $1) ORDER BY id",
+                None if kind is None else str(kind),
+            )
+        return [_site(r) for r in rows]
+
+    async def site_ids(self) -> set[str]:
+        async with self._connection() as conn:
+            return {r["id"] for r in await conn.fetch("SELECT id FROM sites")}
+
+    async def import_sites(self, sites: Sequence[Site], actor: str) -> ImportReport:
+        """Add or update sites by id, in one transaction; never removes one."""
+        async with self._connection() as conn, conn.transaction():
+            current = {r["id"]: r for r in await conn.fetch("SELECT * FROM sites FOR UPDATE")}
+            added, updated, unchanged = [], [], 0
+            for site in sites:
+                row = current.get(site.id)
+                if row is None:
+                    added.append(site.id)
+                elif _site(row) != site:
+                    updated.append(site.id)
+                else:
+                    unchanged += 1
+            changed = [s for s in sites if s.id in set(added) | set(updated)]
+            await conn.executemany(
+                "INSERT INTO sites (id, name, kind, lat, lon, tz, iata, country, ln2_recharge,"
+                " customs_minutes, connect_minutes, recovery_minutes, opens, closes)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"
+                " ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, kind = EXCLUDED.kind,"
+                " lat = EXCLUDED.lat, lon = EXCLUDED.lon, tz = EXCLUDED.tz,"
+                " iata = EXCLUDED.iata, country = EXCLUDED.country,"
+                " ln2_recharge = EXCLUDED.ln2_recharge,"
+                " customs_minutes = EXCLUDED.customs_minutes,"
+                " connect_minutes = EXCLUDED.connect_minutes,"
+                " recovery_minutes = EXCLUDED.recovery_minutes, opens = EXCLUDED.opens,"
+                " closes = EXCLUDED.closes, updated_at = now()",
+                [_site_values(s) for s in changed],
+            )
+            if added or updated:
+                await conn.execute("SELECT nextval('network_version')")
+                await _audit(
+                    conn,
+                    actor,
+                    "sites.imported",
+                    "network",
+                    "sites",
+                    {"added": added, "updated": updated},
+                )
+        return ImportReport(added, updated, unchanged)
+
+    async def import_lanes(self, lanes: Sequence[Lane], actor: str) -> ImportReport:
+        """Add or update ground lanes by (origin, destination, mode)."""
+        async with self._connection() as conn, conn.transaction():
+            rows = await conn.fetch("SELECT * FROM lanes FOR UPDATE")
+            current = {(r["origin"], r["destination"], r["mode"]): r for r in rows}
+            added, updated, unchanged = [], [], 0
+            changed = []
+            for lane in lanes:
+                key = (lane.origin, lane.destination, str(lane.mode))
+                row = current.get(key)
+                values = (lane.minutes, lane.cost, lane.risk)
+                if row is None:
+                    added.append("/".join(key))
+                elif (row["minutes"], row["cost"], row["risk"]) != values:
+                    updated.append("/".join(key))
+                else:
+                    unchanged += 1
+                    continue
+                changed.append((*key, *values))
+            await conn.executemany(
+                "INSERT INTO lanes (origin, destination, mode, minutes, cost, risk)"
+                " VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (origin, destination, mode)"
+                " DO UPDATE SET minutes = EXCLUDED.minutes, cost = EXCLUDED.cost,"
+                " risk = EXCLUDED.risk",
+                changed,
+            )
+            if changed:
+                await conn.execute("SELECT nextval('network_version')")
+                await _audit(
+                    conn,
+                    actor,
+                    "lanes.imported",
+                    "network",
+                    "lanes",
+                    {"added": len(added), "updated": len(updated)},
+                )
+        return ImportReport(added, updated, unchanged)
+
+    async def import_flights(self, flights: Sequence[Flight], actor: str) -> ImportReport:
+        """Add or update dated flights by (carrier, flight, departure)."""
+        async with self._connection() as conn, conn.transaction():
+            rows = await conn.fetch("SELECT * FROM flights FOR UPDATE")
+            current = {(r["carrier"], r["flight"], r["departs_at"]): r for r in rows}
+            added, updated, unchanged = [], [], 0
+            changed = []
+            for f in flights:
+                key = (f.carrier, f.flight, f.departs_at)
+                values = (f.origin, f.destination, f.arrives_at, f.cost, f.risk)
+                row = current.get(key)
+                label = f"{f.carrier}{f.flight}@{f.departs_at.isoformat()}"
+                if row is None:
+                    added.append(label)
+                elif (
+                    row["origin"],
+                    row["destination"],
+                    row["arrives_at"],
+                    row["cost"],
+                    row["risk"],
+                ) != values:
+                    updated.append(label)
+                else:
+                    unchanged += 1
+                    continue
+                changed.append((*key, *values))
+            await conn.executemany(
+                "INSERT INTO flights (carrier, flight, departs_at, origin, destination,"
+                " arrives_at, cost, risk) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)"
+                " ON CONFLICT (carrier, flight, departs_at) DO UPDATE SET"
+                " origin = EXCLUDED.origin, destination = EXCLUDED.destination,"
+                " arrives_at = EXCLUDED.arrives_at, cost = EXCLUDED.cost, risk = EXCLUDED.risk",
+                changed,
+            )
+            if changed:
+                await conn.execute("SELECT nextval('network_version')")
+                await _audit(
+                    conn,
+                    actor,
+                    "flights.imported",
+                    "network",
+                    "flights",
+                    {"added": len(added), "updated": len(updated)},
+                )
+        return ImportReport(added, updated, unchanged)
+
+    async def network(self) -> tuple[int, list[Site], list[Lane], list[Flight]]:
+        """The whole route network with its version (which changes on every import)."""
+        async with self._connection() as conn, conn.transaction(isolation="repeatable_read"):
+            version = await conn.fetchval(
+                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM network_version"
+            )
+            sites = [_site(r) for r in await conn.fetch("SELECT * FROM sites")]
+            lanes = [
+                Lane(
+                    r["origin"],
+                    r["destination"],
+                    LaneMode(r["mode"]),
+                    r["minutes"],
+                    r["cost"],
+                    r["risk"],
+                )
+                for r in await conn.fetch("SELECT * FROM lanes")
+            ]
+            flights = [
+                Flight(
+                    r["carrier"],
+                    r["flight"],
+                    r["origin"],
+                    r["destination"],
+                    r["departs_at"],
+                    r["arrives_at"],
+                    r["cost"],
+                    r["risk"],
+                )
+                for r in await conn.fetch("SELECT * FROM flights")
+            ]
+        return int(version), sites, lanes, flights
+
+    # Shipments -----------------------------------------------------------------------------
+
+    async def create_shipment(self, shipment: Shipment, actor: Actor) -> Shipment:
+        async with self._connection() as conn, conn.transaction():
+            missing = [
+                f"{what} {value!r}"
+                for what, value, sql in (
+                    ("profile", shipment.profile, "SELECT 1 FROM profiles WHERE name = $1"),
+                    ("origin site", shipment.origin, "SELECT 1 FROM sites WHERE id = $1"),
+                    ("destination site", shipment.destination, "SELECT 1 FROM sites WHERE id = $1"),
+                )
+                if await conn.fetchval(sql, value) is None
+            ]
+            if missing:
+                raise BadRequest("unknown " + " and ".join(missing))
+            active = await conn.fetchval(
+                "SELECT id FROM shipments WHERE dewar_id = $1"
+                " AND status NOT IN ('delivered', 'cancelled')",
+                shipment.dewar_id,
+            )
+            if active is not None:
+                raise Conflict(
+                    f"dewar {shipment.dewar_id} is already in active shipment "
+                    f"{active}; deliver or cancel that one first"
+                )
+            try:
+                row = await conn.fetchrow(
+                    "INSERT INTO shipments (id, dewar_id, profile, origin, destination,"
+                    " deliver_by, planned_departure, chain_of_identity, status, created_at,"
+                    " created_by, starts_at, ends_at) VALUES"
+                    " ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13) RETURNING *",
+                    shipment.id,
+                    shipment.dewar_id,
+                    shipment.profile,
+                    shipment.origin,
+                    shipment.destination,
+                    shipment.deliver_by,
+                    shipment.planned_departure,
+                    shipment.chain_of_identity,
+                    str(shipment.status),
+                    shipment.created_at,
+                    shipment.created_by,
+                    shipment.starts_at,
+                    shipment.ends_at,
+                )
+            except asyncpg.UniqueViolationError as exc:
+                if "shipments_pkey" in str(exc.constraint_name):
+                    raise Conflict(f"shipment {shipment.id} already exists") from exc
+                raise Conflict(
+                    f"dewar {shipment.dewar_id} is already in an active shipment"
+                ) from exc
+            if row is None:
+                raise RuntimeError("INSERT ... RETURNING returned no row")
+            created = _shipment(row)
+            await _audit(
+                conn,
+                actor.label,
+                "shipment.created",
+                "shipment",
+                created.id,
+                {
+                    "dewar_id": created.dewar_id,
+                    "profile": created.profile,
+                    "origin": created.origin,
+                    "destination": created.destination,
+                    "deliver_by": _iso(created.deliver_by),
+                    "chain_of_identity": created.chain_of_identity,
+                },
+            )
+        return created
+
+    async def shipments(
+        self,
+        *,
+        status: Status | None = None,
+        limit: int = 50,
+        before: tuple[datetime, str] | None = None,
+    ) -> list[Shipment]:
+        """Newest first; `before` is the (created_at, id) of the last item of the previous page."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM shipments"
+                " WHERE ($1::text IS NULL OR status = $1)"
+                " AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))"
+                " ORDER BY created_at DESC, id DESC LIMIT $4",
+                None if status is None else str(status),
+                None if before is None else before[0],
+                None if before is None else before[1],
+                limit,
+            )
+        return [_shipment(r) for r in rows]
+
+    async def shipment(self, shipment_id: str) -> Shipment:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM shipments WHERE id = $1",
+                shipment_id,
+            )
+        if row is None:
+            raise NotFound(f"no shipment {shipment_id!r}")
+        return _shipment(row)
+
+    async def events(self, shipment_id: str) -> list[CustodyEvent]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM custody_events WHERE shipment_id = $1 ORDER BY at, id", shipment_id
+            )
+        return [_event(r) for r in rows]
+
+    async def record_event(
+        self,
+        shipment_id: str,
+        kind: EventType,
+        at: datetime,
+        location: str | None,
+        note: str | None,
+        actor: Actor,
+    ) -> tuple[Shipment, CustodyEvent]:
+        """Record a custody event in order and move the shipment's status; Conflict if it makes
+        no sense now (out of order, or not allowed from the current status)."""
+        now = datetime.now(UTC)
+        if at - now > timedelta(minutes=5):
+            raise BadRequest(f"event time {at.isoformat()} is in the future")
+        async with self._connection() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT * FROM shipments WHERE id = $1 FOR UPDATE",
+                shipment_id,
+            )
+            if row is None:
+                raise NotFound(f"no shipment {shipment_id!r}")
+            shipment = _shipment(row)
+            last = await conn.fetchval(
+                "SELECT max(at) FROM custody_events WHERE shipment_id = $1", shipment_id
+            )
+            if last is not None and at < last:
+                raise Conflict(
+                    f"events are recorded in order: {at.isoformat()} is before the "
+                    f"last event at {last.isoformat()}"
+                )
+            if at < shipment.created_at - timedelta(days=1):
+                raise Conflict("an event cannot be more than a day before the shipment was created")
+            status = next_status(shipment.status, kind)
+            starts_at = at if kind is EventType.PACKED else shipment.starts_at
+            ends_at = at if not status.active else None
+            updated = await conn.fetchrow(
+                "UPDATE shipments SET status = $2, starts_at = $3, ends_at = $4 WHERE id = $1"
+                " RETURNING *",
+                shipment_id,
+                str(status),
+                starts_at,
+                ends_at,
+            )
+            event_row = await conn.fetchrow(
+                "INSERT INTO custody_events (shipment_id, type, at, location, note, actor)"
+                " VALUES ($1, $2, $3, $4, $5, $6) RETURNING *",
+                shipment_id,
+                str(kind),
+                at,
+                location,
+                note,
+                actor.label,
+            )
+            await _audit(
+                conn,
+                actor.label,
+                f"custody.{kind}",
+                "shipment",
+                shipment_id,
+                {
+                    "at": at.isoformat(),
+                    "location": location,
+                    "note": note,
+                    "status": {"before": str(shipment.status), "after": str(status)},
+                },
+            )
+        if updated is None or event_row is None:
+            raise RuntimeError("UPDATE/INSERT ... RETURNING returned no row")
+        return _shipment(updated), _event(event_row)
+
+    async def last_reading(self, shipment: Shipment) -> IncomingReading | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM readings WHERE dewar_id = $1 AND ts >= $2"
+                " AND ($3::timestamptz IS NULL OR ts < $3) ORDER BY ts DESC, seq DESC LIMIT 1",
+                shipment.dewar_id,
+                shipment.starts_at,
+                shipment.ends_at,
+            )
+        return None if row is None else _incoming(row)
+
+    async def shipment_readings(
+        self, shipment: Shipment, start: datetime | None, end: datetime | None, limit: int
+    ) -> list[IncomingReading]:
+        """The shipment's readings in [start, end) within its own window, by device time."""
+        lower, upper = _window(shipment, start, end)
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM readings WHERE dewar_id = $1 AND ts >= $2"
+                " AND ($3::timestamptz IS NULL OR ts < $3) ORDER BY ts, seq LIMIT $4",
+                shipment.dewar_id,
+                lower,
+                upper,
+                limit,
+            )
+        return [_incoming(r) for r in rows]
+
+    async def shipment_buckets(
+        self,
+        shipment: Shipment,
+        start: datetime | None,
+        end: datetime | None,
+        every: timedelta,
+        limit: int,
+    ) -> list[Bucket]:
+        """Min/max/mean per `every` of device time, computed in PostgreSQL."""
+        lower, upper = _window(shipment, start, end)
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT date_bin($4, ts, $2) AS start, count(*) AS n,"
+                " min(temp_c) AS tmin, max(temp_c) AS tmax, avg(temp_c) AS tmean,"
+                " min(ln2_level_pct) AS lmin, max(ln2_level_pct) AS lmax,"
+                " avg(ln2_level_pct) AS lmean"
+                " FROM readings WHERE dewar_id = $1 AND ts >= $2"
+                " AND ($3::timestamptz IS NULL OR ts < $3)"
+                " GROUP BY 1 ORDER BY 1 LIMIT $5",
+                shipment.dewar_id,
+                lower,
+                upper,
+                every,
+                limit,
+            )
+        return [
+            Bucket(
+                r["start"],
+                r["n"],
+                r["tmin"],
+                r["tmax"],
+                r["tmean"],
+                r["lmin"],
+                r["lmax"],
+                r["lmean"],
+            )
+            for r in rows
+        ]
+
+    # Tokens --------------------------------------------------------------------------------
+
+    async def create_token(
+        self, name: str, role: Role, token_hash: bytes, expires_at: datetime | None, actor: str
+    ) -> int:
+        async with self._connection() as conn, conn.transaction():
+            token_id: int = await conn.fetchval(
+                "INSERT INTO api_tokens (name, role, hash, expires_at) VALUES ($1, $2, $3, $4)"
+                " RETURNING id",
+                name,
+                str(role),
+                token_hash,
+                expires_at,
+            )
+            await _audit(
+                conn,
+                actor,
+                "token.created",
+                "token",
+                str(token_id),
+                {"name": name, "role": str(role), "expires_at": _iso(expires_at)},
+            )
+        return token_id
+
+    async def actor_for(self, token_hash: bytes) -> Actor:
+        """The actor a token stands for; TokenRejected says why not."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT id, name, role, expires_at, revoked_at FROM api_tokens WHERE hash = $1",
+                token_hash,
+            )
+        if row is None:
+            raise TokenRejected("unknown token")
+        if row["revoked_at"] is not None:
+            raise TokenRejected("token revoked")
+        if row["expires_at"] is not None and row["expires_at"] <= datetime.now(UTC):
+            raise TokenRejected("token expired")
+        return Actor(row["id"], row["name"], Role(row["role"]))
+
+    async def tokens(self) -> list[TokenInfo]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT id, name, role, created_at, expires_at, revoked_at"
+                " FROM api_tokens ORDER BY id"
+            )
+        return [
+            TokenInfo(
+                r["id"],
+                r["name"],
+                Role(r["role"]),
+                r["created_at"],
+                r["expires_at"],
+                r["revoked_at"],
+            )
+            for r in rows
+        ]
+
+    async def revoke_token(self, token_id: int, actor: str) -> None:
+        async with self._connection() as conn, conn.transaction():
+            status = await conn.execute(
+                "UPDATE api_tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+                token_id,
+            )
+            if status.endswith(" 0"):
+                exists = await conn.fetchval("SELECT 1 FROM api_tokens WHERE id = $1", token_id)
+                if exists is None:
+                    raise NotFound(f"no token {token_id}")
+                return
+            await _audit(conn, actor, "token.revoked", "token", str(token_id))
+
+    # Audit ---------------------------------------------------------------------------------
+
+    async def audit_entries(
+        self,
+        *,
+        entity: str | None = None,
+        entity_id: str | None = None,
+        limit: int = 100,
+        before: int | None = None,
+    ) -> list[AuditEntry]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM audit_log WHERE ($1::text IS NULL OR entity = $1)"
+                " AND ($2::text IS NULL OR entity_id = $2) AND ($3::bigint IS NULL OR id < $3)"
+                " ORDER BY id DESC LIMIT $4",
+                entity,
+                entity_id,
+                before,
+                limit,
+            )
+        return [
+            AuditEntry(
+                r["id"], r["at"], r["actor"], r["action"], r["entity"], r["entity_id"], r["detail"]
+            )
+            for r in rows
+        ]
+
+
+def _stored_profile(row: asyncpg.Record) -> StoredProfile:
+    profile = msgspec.convert(row["body"], Profile)
+    return StoredProfile(profile, row["built_in"], row["updated_at"])
+
+
+def _window(
+    shipment: Shipment, start: datetime | None, end: datetime | None
+) -> tuple[datetime, datetime | None]:
+    lower = shipment.starts_at if start is None else max(start, shipment.starts_at)
+    upper = shipment.ends_at
+    if end is not None:
+        upper = end if upper is None else min(end, upper)
+    return lower, upper
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()

@@ -1,0 +1,230 @@
+"""The HTTP API's wire models. Handlers decode request bodies into these and encode responses
+from them, and the OpenAPI document is generated from the same types, so the two cannot drift."""
+
+from __future__ import annotations
+
+from datetime import datetime, time
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from coldchain.auth import Role
+from coldchain.profiles import Profile
+from coldchain.shipments import EventType, Status
+
+Id = Annotated[
+    str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$", description="1-64 of A-Z a-z 0-9 . _ -")
+]
+Instant = Annotated[datetime, Meta(tz=True, description="RFC 3339 with offset")]
+ShortText = Annotated[str, Meta(min_length=1, max_length=200)]
+Note = Annotated[str, Meta(max_length=2000)]
+
+
+class ErrorDetail(msgspec.Struct, frozen=True):
+    code: str
+    message: str
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    error: ErrorDetail
+
+
+class ShipmentIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    dewar_id: Id
+    profile: Id
+    origin: Id
+    destination: Id
+    id: Id | None = None
+    deliver_by: Instant | None = None
+    chain_of_identity: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    planned_departure: Instant | None = None
+
+
+class ShipmentOut(msgspec.Struct, frozen=True):
+    id: str
+    dewar_id: str
+    profile: str
+    origin: str
+    destination: str
+    deliver_by: datetime | None
+    planned_departure: datetime | None
+    chain_of_identity: str | None
+    status: Status
+    created_at: datetime
+    created_by: str
+    starts_at: datetime
+    ends_at: datetime | None
+
+
+class ShipmentPage(msgspec.Struct, frozen=True):
+    items: list[ShipmentOut]
+    next: str | None = None
+
+
+class EventIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    type: EventType
+    at: Instant | None = None
+    location: ShortText | None = None
+    note: Note | None = None
+
+
+class EventOut(msgspec.Struct, frozen=True):
+    id: int
+    type: EventType
+    at: datetime
+    location: str | None
+    note: str | None
+    actor: str
+    recorded_at: datetime
+
+
+class EventRecorded(msgspec.Struct, frozen=True):
+    event: EventOut
+    shipment: ShipmentOut
+
+
+class ReadingOut(msgspec.Struct, frozen=True):
+    seq: int
+    ts: datetime
+    received_at: datetime
+    temp_c: float
+    ln2_level_pct: float | None = None
+    tilt_deg: float | None = None
+    shock_g: float | None = None
+    lid_open: bool | None = None
+    battery_pct: float | None = None
+    lat: float | None = None
+    lon: float | None = None
+    extra: dict[str, Any] | None = None
+
+
+class ShipmentDetail(msgspec.Struct, frozen=True):
+    shipment: ShipmentOut
+    last_reading: ReadingOut | None
+    last_seen_s: float | None
+    events: list[EventOut]
+    open_alarms: list[dict[str, Any]]
+    hold: dict[str, Any] | None
+    route: dict[str, Any] | None
+
+
+class BucketOut(msgspec.Struct, frozen=True):
+    start: datetime
+    count: int
+    temp_c_min: float
+    temp_c_max: float
+    temp_c_mean: float
+    ln2_level_pct_min: float | None
+    ln2_level_pct_max: float | None
+    ln2_level_pct_mean: float | None
+
+
+class TelemetryOut(msgspec.Struct, frozen=True):
+    shipment_id: str
+    dewar_id: str
+    start: datetime
+    end: datetime | None
+    every_s: float | None
+    readings: list[ReadingOut] | None = None
+    buckets: list[BucketOut] | None = None
+    truncated: bool = False
+
+
+class StoredProfileOut(msgspec.Struct, frozen=True):
+    profile: Profile
+    built_in: bool
+    updated_at: datetime
+
+
+class ProfileList(msgspec.Struct, frozen=True):
+    items: list[StoredProfileOut]
+
+
+class SiteOut(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    kind: str
+    lat: float
+    lon: float
+    tz: str
+    country: str
+    iata: str | None
+    ln2_recharge: bool
+    customs_minutes: int
+    connect_minutes: int
+    recovery_minutes: int
+    opens: time | None
+    closes: time | None
+
+
+class SiteList(msgspec.Struct, frozen=True):
+    items: list[SiteOut]
+
+
+class DeadLetterOut(msgspec.Struct, frozen=True):
+    id: int
+    received_at: datetime
+    topic: str
+    dewar_id: str | None
+    item_index: int | None
+    reason: str
+    size: int
+    payload: str | None
+    payload_base64: str | None
+
+
+class DeadLetterPage(msgspec.Struct, frozen=True):
+    items: list[DeadLetterOut]
+    next: str | None = None
+
+
+class AuditOut(msgspec.Struct, frozen=True):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    entity: str
+    entity_id: str
+    detail: Any
+
+
+class AuditPage(msgspec.Struct, frozen=True):
+    items: list[AuditOut]
+    next: str | None = None
+
+
+class TokenIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(min_length=1, max_length=100)]
+    role: Role
+    expires_in_days: Annotated[float, Meta(gt=0, le=3650)] | None = None
+
+
+class TokenOut(msgspec.Struct, frozen=True):
+    id: int
+    name: str
+    role: Role
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+class TokenCreated(msgspec.Struct, frozen=True):
+    id: int
+    token: str
+    name: str
+    role: Role
+    expires_at: datetime | None
+
+
+class TokenList(msgspec.Struct, frozen=True):
+    items: list[TokenOut]
+
+
+class Health(msgspec.Struct, frozen=True):
+    status: str
+
+
+class Readiness(msgspec.Struct, frozen=True):
+    ready: bool
+    checks: dict[str, str]

@@ -1,0 +1,553 @@
+"""The HTTP API against the real service and PostgreSQL: auth on every endpoint, shipments and
+custody, telemetry windows, profiles, sites, the audit trail, and hostile input."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from coldchain.api import permission_of
+from coldchain.app import create_app
+from coldchain.auth import ROLE_PERMISSIONS, Role, new_token, token_hash
+from coldchain.openapi import OPERATIONS, document
+from coldchain.store import IncomingReading, Store
+from routing import example_network
+from sensors import Reading
+from tests.support import running_service, service_settings
+
+pytestmark = [pytest.mark.postgres, pytest.mark.mqtt]
+
+ORIGIN, DESTINATION = "MFG-MPN", "TC-NKI"
+
+
+@dataclass
+class Api:
+    base: str
+    store: Store
+    database_url: str
+    tokens: dict[str, str]  # role (or "revoked", "expired") -> token
+    session: aiohttp.ClientSession
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        as_: str | None = "admin",
+        body: object = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        sent = dict(headers or {})
+        if as_ is not None:
+            sent["Authorization"] = f"Bearer {self.tokens[as_]}"
+        data: bytes | io.BytesIO | None = raw
+        if raw is not None and len(raw) > 1024 * 1024:
+            data = io.BytesIO(raw)  # large bodies are streamed, as aiohttp asks
+        if body is not None:
+            data = json.dumps(body).encode()
+            sent.setdefault("Content-Type", "application/json")
+        async with self.session.request(
+            method, self.base + path, data=data, headers=sent
+        ) as response:
+            text = await response.text()
+            try:
+                return response.status, json.loads(text) if text else None
+            except json.JSONDecodeError:
+                return response.status, text
+
+
+@pytest.fixture
+async def api(database_url: str, mqtt_url: str, unique: str) -> AsyncIterator[Api]:
+    store = await Store.open(database_url)
+    await store.migrate()
+    sites = example_network().sites
+    await store.import_sites(list(sites.values()), "test")
+    tokens = {}
+    for role in Role:
+        tokens[str(role)] = new_token()
+        await store.create_token(f"{role}-user", role, token_hash(tokens[str(role)]), None, "test")
+    tokens["revoked"] = new_token()
+    revoked = await store.create_token(
+        "gone", Role.ADMIN, token_hash(tokens["revoked"]), None, "test"
+    )
+    await store.revoke_token(revoked, "test")
+    tokens["expired"] = new_token()
+    await store.create_token(
+        "old",
+        Role.ADMIN,
+        token_hash(tokens["expired"]),
+        datetime.now(UTC) - timedelta(minutes=1),
+        "test",
+    )
+    tokens["unknown"] = new_token()
+    settings = service_settings(database_url, mqtt_url, f"svc-{unique}")
+    async with running_service(settings) as base, aiohttp.ClientSession() as session:
+        yield Api(base, store, database_url, tokens, session)
+    await store.close()
+
+
+def new_shipment(dewar: str = "DW-T1", **extra: Any) -> dict[str, object]:
+    return {
+        "dewar_id": dewar,
+        "profile": "cryo-vapor",
+        "origin": ORIGIN,
+        "destination": DESTINATION,
+        "deliver_by": (datetime.now(UTC) + timedelta(days=3)).isoformat(),
+        **extra,
+    }
+
+
+# Auth -----------------------------------------------------------------------------------------
+
+
+def _concrete(path: str) -> str:
+    return (
+        path.replace("{shipment_id}", "SH-NONE")
+        .replace("{name}", "cryo-vapor")
+        .replace("{token_id}", "999999")
+    )
+
+
+@pytest.mark.parametrize("op", OPERATIONS, ids=[f"{o.method} {o.path}" for o in OPERATIONS])
+async def test_every_endpoint_checks_every_role_and_every_kind_of_bad_token(
+    api: Api, op: Any
+) -> None:
+    path = _concrete(op.path)
+    body: dict[str, object] | None = {} if op.body is not None else None
+    for who in ("unknown", "revoked", "expired"):
+        status, reply = await api.call(op.method, path, as_=who, body=body)
+        assert status == 401, (who, reply)
+        assert reply["error"]["code"] == "unauthorized"
+    status, _ = await api.call(op.method, path, as_=None, body=body)
+    assert status == 401
+    status, _ = await api.call(
+        op.method, path, as_=None, body=body, headers={"Authorization": "Basic YWxpY2U6c2VjcmV0"}
+    )
+    assert status == 401
+    needed = permission_of(op.handler)
+    for role in Role:
+        status, reply = await api.call(op.method, path, as_=str(role), body=body)
+        if needed in ROLE_PERMISSIONS[role]:
+            assert status not in (401, 403), (role, reply)
+        else:
+            assert status == 403, (role, reply)
+            assert needed in reply["error"]["message"]
+
+
+async def test_every_route_of_the_application_is_documented(api: Api) -> None:
+    app = create_app(service_settings(api.database_url, "mqtt://127.0.0.1:1", "x"))
+    documented = {(o.method.upper(), o.path) for o in OPERATIONS}
+    documented |= {("GET", p) for p in document()["paths"] if not p.startswith("/api/v1/")}
+    documented.add(("GET", "/api/v1/openapi.json"))
+    routes = {
+        (r.method, r.resource.canonical)
+        for r in app.router.routes()
+        if r.method != "HEAD" and r.resource is not None
+    }
+    assert routes == documented
+
+
+async def test_repeated_failed_sign_ins_are_rate_limited(api: Api) -> None:
+    statuses = [(await api.call("GET", "/api/v1/shipments", as_="unknown"))[0] for _ in range(25)]
+    assert statuses[:20] == [401] * 20
+    assert statuses[20:] == [429] * 5
+    async with api.session.get(
+        api.base + "/api/v1/shipments", headers={"Authorization": f"Bearer {api.tokens['admin']}"}
+    ) as r:
+        # The address is blocked for a while, good token or not; it says when to retry.
+        assert r.status == 429
+        assert int(r.headers["Retry-After"]) > 0
+
+
+async def test_a_revoked_token_stops_working_at_once(api: Api) -> None:
+    status, made = await api.call("POST", "/api/v1/tokens", body={"name": "temp", "role": "viewer"})
+    assert status == 201
+    api.tokens["temp"] = made["token"]
+    assert (await api.call("GET", "/api/v1/sites", as_="temp"))[0] == 200
+    assert (await api.call("DELETE", f"/api/v1/tokens/{made['id']}"))[0] == 204
+    status, reply = await api.call("GET", "/api/v1/sites", as_="temp")
+    assert status == 401 and reply["error"]["message"] == "token revoked"
+    _, listed = await api.call("GET", "/api/v1/tokens")
+    assert all("token" not in t and "hash" not in t for t in listed["items"])
+
+
+# Shipments and custody ------------------------------------------------------------------------
+
+
+async def test_shipment_lifecycle_follows_custody_events(api: Api) -> None:
+    status, created = await api.call(
+        "POST",
+        "/api/v1/shipments",
+        as_="planner",
+        body=new_shipment(chain_of_identity="DIN:W1234 26 123456"),
+    )
+    assert status == 201
+    sid = created["id"]
+    assert created["status"] == "created" and created["created_by"].startswith("planner-user")
+    steps = [
+        ("packed", "packed"),
+        ("picked_up", "in_transit"),
+        ("handoff", "in_transit"),
+        ("customs_hold", "customs_hold"),
+        ("customs_released", "in_transit"),
+        ("delivered", "delivered"),
+    ]
+    at = datetime.now(UTC) - timedelta(hours=len(steps))
+    for i, (event, expected) in enumerate(steps):
+        status, reply = await api.call(
+            "POST",
+            f"/api/v1/shipments/{sid}/events",
+            as_="operator",
+            body={
+                "type": event,
+                "at": (at + timedelta(hours=i)).isoformat(),
+                "location": "Newark",
+                "note": f"step {i}",
+            },
+        )
+        assert status == 201, reply
+        assert reply["shipment"]["status"] == expected
+        assert reply["event"]["actor"].startswith("operator-user")
+    status, detail = await api.call("GET", f"/api/v1/shipments/{sid}", as_="viewer")
+    assert status == 200
+    assert [e["type"] for e in detail["events"]] == [e for e, _ in steps]
+    assert detail["shipment"]["chain_of_identity"] == "DIN:W1234 26 123456"
+    assert detail["shipment"]["ends_at"] is not None
+    # Delivered is final: the dewar is free for a new shipment, this one takes no more events.
+    status, reply = await api.call(
+        "POST", f"/api/v1/shipments/{sid}/events", as_="operator", body={"type": "handoff"}
+    )
+    assert status == 409 and "delivered" in reply["error"]["message"]
+    assert (await api.call("POST", "/api/v1/shipments", body=new_shipment()))[0] == 201
+
+
+@pytest.mark.parametrize(
+    ("events", "refused", "reason"),
+    [
+        (["packed"], "delivered", "must be picked up"),
+        ([], "picked_up", "must be packed first"),
+        (["packed", "picked_up", "customs_hold"], "delivered", "released by customs"),
+        (["packed", "picked_up"], "customs_released", "only a shipment held by customs"),
+        (["packed", "picked_up", "delivered"], "cancelled", "cannot be cancelled"),
+    ],
+)
+async def test_events_that_make_no_sense_are_refused_with_a_reason(
+    api: Api, events: list[str], refused: str, reason: str
+) -> None:
+    _, created = await api.call("POST", "/api/v1/shipments", body=new_shipment())
+    for event in events:
+        assert (
+            await api.call(
+                "POST", f"/api/v1/shipments/{created['id']}/events", body={"type": event}
+            )
+        )[0] == 201
+    status, reply = await api.call(
+        "POST", f"/api/v1/shipments/{created['id']}/events", body={"type": refused}
+    )
+    assert status == 409
+    assert reason in reply["error"]["message"]
+
+
+async def test_events_are_recorded_in_time_order(api: Api) -> None:
+    _, created = await api.call("POST", "/api/v1/shipments", body=new_shipment())
+    now = datetime.now(UTC)
+    path = f"/api/v1/shipments/{created['id']}/events"
+    assert (await api.call("POST", path, body={"type": "packed", "at": now.isoformat()}))[0] == 201
+    status, reply = await api.call(
+        "POST", path, body={"type": "picked_up", "at": (now - timedelta(minutes=5)).isoformat()}
+    )
+    assert status == 409 and "recorded in order" in reply["error"]["message"]
+    status, reply = await api.call(
+        "POST", path, body={"type": "picked_up", "at": (now + timedelta(hours=1)).isoformat()}
+    )
+    assert status == 400 and "future" in reply["error"]["message"]
+
+
+async def test_a_dewar_travels_in_one_active_shipment_at_a_time(api: Api) -> None:
+    status, first = await api.call("POST", "/api/v1/shipments", body=new_shipment("DW-X"))
+    assert status == 201
+    status, reply = await api.call("POST", "/api/v1/shipments", body=new_shipment("DW-X"))
+    assert status == 409 and first["id"] in reply["error"]["message"]
+    await api.call("POST", f"/api/v1/shipments/{first['id']}/events", body={"type": "cancelled"})
+    assert (await api.call("POST", "/api/v1/shipments", body=new_shipment("DW-X")))[0] == 201
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"origin": "NOWHERE"}, "unknown origin site 'NOWHERE'"),
+        ({"destination": "NOWHERE"}, "unknown destination site 'NOWHERE'"),
+        ({"profile": "no-such-profile"}, "unknown profile 'no-such-profile'"),
+        ({"destination": ORIGIN}, "origin and destination must be different"),
+        ({"dewar_id": "has space"}, "dewar_id"),
+        ({"deliver_by": "2026-12-01T10:00:00"}, "deliver_by"),
+        ({"colour": "blue"}, "unknown field `colour`"),
+    ],
+)
+async def test_a_shipment_that_cannot_exist_is_refused(
+    api: Api, changes: dict[str, Any], reason: str
+) -> None:
+    status, reply = await api.call("POST", "/api/v1/shipments", body=new_shipment(**changes))
+    assert status == 400
+    assert reason in reply["error"]["message"]
+
+
+async def test_shipments_are_listed_newest_first_filtered_and_paged(api: Api) -> None:
+    ids = []
+    for i in range(5):
+        _, created = await api.call("POST", "/api/v1/shipments", body=new_shipment(f"DW-L{i}"))
+        ids.append(created["id"])
+    await api.call("POST", f"/api/v1/shipments/{ids[1]}/events", body={"type": "packed"})
+    _, page = await api.call("GET", "/api/v1/shipments?limit=2", as_="viewer")
+    seen = [s["id"] for s in page["items"]]
+    while page.get("next"):
+        _, page = await api.call("GET", page["next"], as_="viewer")
+        seen += [s["id"] for s in page["items"]]
+    assert seen == list(reversed(ids))
+    _, packed = await api.call("GET", "/api/v1/shipments?status=packed", as_="viewer")
+    assert [s["id"] for s in packed["items"]] == [ids[1]]
+    status, reply = await api.call("GET", "/api/v1/shipments?status=lost", as_="viewer")
+    assert status == 400 and "status must be one of" in reply["error"]["message"]
+
+
+# Telemetry ------------------------------------------------------------------------------------
+
+
+async def test_readings_belong_to_the_shipment_active_at_their_device_time(api: Api) -> None:
+    dewar = "DW-TEL"
+    _, created = await api.call("POST", "/api/v1/shipments", body=new_shipment(dewar))
+    sid = created["id"]
+    packed_at = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
+    await api.call(
+        "POST",
+        f"/api/v1/shipments/{sid}/events",
+        body={"type": "packed", "at": packed_at.isoformat()},
+    )
+    start = packed_at - timedelta(minutes=30)
+    temps = [-190.0 + (i % 10) for i in range(150)]  # one a minute from 30 min before pack-out
+    readings = [
+        IncomingReading(
+            dewar,
+            Reading(seq=i, ts=start + timedelta(minutes=i), temp_c=t, ln2_level_pct=90 - i / 10),
+            datetime.now(UTC),
+        )
+        for i, t in enumerate(temps)
+    ]
+    await api.store.write_batch(readings, [])
+    status, raw = await api.call("GET", f"/api/v1/shipments/{sid}/telemetry", as_="viewer")
+    assert status == 200
+    assert [r["seq"] for r in raw["readings"]] == list(range(30, 150))  # none before pack-out
+    frm = (packed_at + timedelta(minutes=10)).isoformat().replace("+00:00", "Z")
+    to = (packed_at + timedelta(minutes=40)).isoformat().replace("+00:00", "Z")
+    _, window = await api.call("GET", f"/api/v1/shipments/{sid}/telemetry?from={frm}&to={to}")
+    assert [r["seq"] for r in window["readings"]] == list(range(40, 70))
+    _, buckets = await api.call("GET", f"/api/v1/shipments/{sid}/telemetry?every=5m")
+    got = buckets["buckets"]
+    assert len(got) == 24
+    for b, k in zip(got, range(30, 150, 5), strict=True):
+        chunk = temps[k : k + 5]
+        assert b["count"] == 5
+        assert (b["temp_c_min"], b["temp_c_max"]) == (min(chunk), max(chunk))
+        assert b["temp_c_mean"] == pytest.approx(sum(chunk) / 5)
+    _, limited = await api.call("GET", f"/api/v1/shipments/{sid}/telemetry?limit=7")
+    assert len(limited["readings"]) == 7 and limited["truncated"] is True
+    # The last reading and when it was seen show on the shipment.
+    _, detail = await api.call("GET", f"/api/v1/shipments/{sid}")
+    assert detail["last_reading"]["seq"] == 149 and detail["last_seen_s"] >= 0
+    for bad in (
+        "every=0m",
+        "every=5 minutes",
+        "from=yesterday",
+        "from=2026-01-01T00:00:00",
+        f"from={to}&to={frm}",
+    ):
+        status, reply = await api.call("GET", f"/api/v1/shipments/{sid}/telemetry?{bad}")
+        assert status == 400, bad
+
+
+async def test_the_bucketed_query_uses_the_dewar_time_index(api: Api) -> None:
+    conn = await asyncpg.connect(api.database_url)
+    try:
+        # Enough rows of other dewars that a sequential scan would be the wrong plan.
+        await conn.execute(
+            "INSERT INTO readings (dewar_id, seq, ts, received_at, temp_c)"
+            " SELECT 'DW-' || (g % 500), g, now() - g * interval '1 second', now(), -190"
+            " FROM generate_series(1, 200000) g"
+        )
+        await conn.execute("ANALYZE readings")
+        plan = await conn.fetchval(
+            "EXPLAIN (FORMAT JSON) SELECT date_bin('5 minutes', ts, now()), min(temp_c)"
+            " FROM readings WHERE dewar_id = 'DW-7' AND ts >= now() - interval '1 day'"
+            " AND ts < now() GROUP BY 1"
+        )
+    finally:
+        await conn.close()
+    text = json.dumps(json.loads(plan) if isinstance(plan, str) else plan)
+    assert "readings_dewar_ts" in text and "Seq Scan" not in text
+
+
+# Profiles, sites, audit -----------------------------------------------------------------------
+
+
+async def test_built_in_profiles_exist_and_admins_add_their_own(api: Api) -> None:
+    _, listed = await api.call("GET", "/api/v1/profiles", as_="viewer")
+    names = {p["profile"]["name"]: p for p in listed["items"]}
+    assert {"cryo-vapor", "refrigerated", "ambient"} <= set(names)
+    cryo = names["cryo-vapor"]["profile"]
+    glass = next(limit for limit in cryo["limits"] if limit["rule"] == "temp_glass_transition")
+    assert (glass["threshold"], glass["severity"], glass["delay_s"]) == (-135.0, "critical", 60)
+    custom = dict(cryo, name="cryo-150-strict", description="label says -160 °C")
+    custom["limits"] = [
+        dict(limit, threshold=-160.0) if limit["rule"] == "temp_high" else limit
+        for limit in cryo["limits"]
+    ]
+    status, _ = await api.call(
+        "PUT", "/api/v1/profiles/cryo-150-strict", as_="planner", body=custom
+    )
+    assert status == 403
+    status, stored = await api.call("PUT", "/api/v1/profiles/cryo-150-strict", body=custom)
+    assert status == 201 and stored["built_in"] is False
+    status, _ = await api.call("PUT", "/api/v1/profiles/cryo-150-strict", body=custom)
+    assert status == 200
+    duplicate = dict(custom, limits=[cryo["limits"][0], cryo["limits"][0]])
+    status, reply = await api.call("PUT", "/api/v1/profiles/cryo-150-strict", body=duplicate)
+    assert status == 400 and "own rule name" in reply["error"]["message"]
+    status, reply = await api.call("PUT", "/api/v1/profiles/other", body=custom)
+    assert status == 400 and "differs from the path" in reply["error"]["message"]
+    # A shipment can use it at once.
+    status, _ = await api.call(
+        "POST", "/api/v1/shipments", body=new_shipment(profile="cryo-150-strict")
+    )
+    assert status == 201
+
+
+async def test_sites_are_listed_and_filtered(api: Api) -> None:
+    _, all_sites = await api.call("GET", "/api/v1/sites", as_="viewer")
+    _, centres = await api.call("GET", "/api/v1/sites?kind=treatment_center", as_="viewer")
+    assert len(all_sites["items"]) > len(centres["items"]) > 0
+    assert all(s["kind"] == "treatment_center" for s in centres["items"])
+    nki = next(s for s in all_sites["items"] if s["id"] == DESTINATION)
+    assert nki["tz"] == "Europe/Amsterdam" and nki["country"] == "NL"
+
+
+async def test_the_audit_trail_attributes_every_action_and_cannot_be_changed(api: Api) -> None:
+    _, created = await api.call("POST", "/api/v1/shipments", as_="planner", body=new_shipment())
+    await api.call(
+        "POST",
+        f"/api/v1/shipments/{created['id']}/events",
+        as_="operator",
+        body={"type": "packed", "note": "sealed"},
+    )
+    assert (await api.call("GET", "/api/v1/audit", as_="operator"))[0] == 403
+    _, trail = await api.call("GET", f"/api/v1/audit?entity=shipment&entity_id={created['id']}")
+    actions = [(e["action"], e["actor"].split(" ")[0]) for e in reversed(trail["items"])]
+    assert actions == [("shipment.created", "planner-user"), ("custody.packed", "operator-user")]
+    assert trail["items"][0]["detail"]["note"] == "sealed"
+    conn = await asyncpg.connect(api.database_url)
+    try:
+        for sql in (
+            "UPDATE audit_log SET actor = 'nobody'",
+            "DELETE FROM audit_log",
+            "TRUNCATE audit_log",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+                await conn.execute(sql)
+        assert await conn.fetchval("SELECT count(*) FROM audit_log WHERE actor = 'nobody'") == 0
+    finally:
+        await conn.close()
+
+
+# Hostile input --------------------------------------------------------------------------------
+
+HOSTILE_IDS = [
+    "'; DROP TABLE shipments; --",
+    "SH-1' OR '1'='1",
+    "\u202eSH-1",
+    "SH\u00001",
+    "🧊",
+    "a" * 65,
+    "../../etc/passwd",
+    "SH%00",
+    "<script>alert(1)</script>",
+]
+
+
+@pytest.mark.parametrize("bad", HOSTILE_IDS)
+async def test_hostile_ids_get_a_4xx_and_are_stored_nowhere(api: Api, bad: str) -> None:
+    status, reply = await api.call(
+        "POST", "/api/v1/shipments", body=new_shipment(id=bad, dewar_id=bad)
+    )
+    assert status == 400, reply
+    from urllib.parse import quote
+
+    status, reply = await api.call("GET", f"/api/v1/shipments/{quote(bad, safe='')}")
+    assert status in (400, 404)
+    assert isinstance(reply, dict) and set(reply) == {"error"}
+    status, reply = await api.call("GET", f"/api/v1/dead-letters?dewar_id={quote(bad)}")
+    assert status in (200, 400)
+    conn = await asyncpg.connect(api.database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM shipments") == 0
+        assert await conn.fetchval("SELECT to_regclass('shipments') IS NOT NULL")
+    finally:
+        await conn.close()
+
+
+async def test_bodies_that_are_too_big_too_deep_or_not_json_are_refused(api: Api) -> None:
+    status, reply = await api.call(
+        "POST",
+        "/api/v1/shipments",
+        raw=b'{"note": "' + b"x" * (2 * 1024 * 1024) + b'"}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 413 and reply["error"]["code"] == "payload_too_large"
+    deep = b"[" * 100_000 + b"]" * 100_000
+    status, reply = await api.call(
+        "POST", "/api/v1/shipments", raw=deep, headers={"Content-Type": "application/json"}
+    )
+    assert status == 400
+    status, reply = await api.call(
+        "POST",
+        "/api/v1/shipments",
+        raw=b"dewar_id=DW-1",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert status == 415 and reply["error"]["code"] == "unsupported_media_type"
+    status, reply = await api.call(
+        "POST",
+        "/api/v1/shipments",
+        raw=b'{"dewar_id": ',
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 400 and "not valid JSON" in reply["error"]["message"]
+    status, reply = await api.call(
+        "POST", "/api/v1/shipments", body=new_shipment(chain_of_identity="x\u0000y")
+    )
+    assert status == 400
+    status, reply = await api.call("GET", "/api/v1/audit?entity=ship%00ment")
+    assert status == 400 and "NUL" in reply["error"]["message"]
+
+
+async def test_errors_never_carry_a_stack_trace_or_internals(api: Api) -> None:
+    probes = [
+        ("GET", "/api/v1/shipments?limit=abc"),
+        ("GET", "/api/v1/audit?entity=a%00b"),
+        ("GET", "/api/v1/nope"),
+        ("PATCH", "/api/v1/shipments"),
+        ("GET", "/api/v1/shipments?cursor=%%%"),
+    ]
+    for method, path in probes:
+        status, reply = await api.call(method, path)
+        assert 400 <= status < 500, (method, path)
+        text = json.dumps(reply)
+        for leak in ("Traceback", "asyncpg", "SELECT", 'File "', "coldchain/"):
+            assert leak not in text, (path, text)
