@@ -14,20 +14,116 @@ import os
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Final
 
 from aiohttp import web
 
 from coldchain import keys
 from coldchain.app import create_app
+from coldchain.auth import Actor, Role, new_token, token_hash
 from coldchain.embedded import EmbeddedBroker, EmbeddedPostgres
 from coldchain.errors import ConfigError
 from coldchain.settings import Settings
-from sensors import FleetRunner, FleetStats, default_fault_mix, parse_faults
+from coldchain.shipments import EventType, Shipment, Status
+from coldchain.store import Store
+from routing import example_network
+from sensors import LANES, FleetRunner, FleetStats, default_fault_mix, parse_faults
+from sensors.fleet import dewar_id
 
 logger = logging.getLogger(__name__)
 
 DEMO_FLEET_CLIENT_ID = "coldchain-demo-fleet"
+DEMO_HISTORY = timedelta(hours=20)
+
+# Where each of the fleet's lanes (sensors.fleet.LANES, in order) starts and ends in the
+# bundled example network, so the demo's shipments and the planner share the same sites.
+LANE_SITES: Final = (
+    ("MFG-MPN", "TC-MDA"),
+    ("MFG-MPN", "TC-MSK"),
+    ("MFG-MPN", "TC-COH"),
+    ("MFG-MPN", "TC-DFCI"),
+    ("MFG-MPN", "TC-FHCC"),
+    ("MFG-HFD", "TC-CHA"),
+    ("MFG-HFD", "TC-IGR"),
+    ("MFG-HFD", "TC-KS"),
+    ("MFG-HFD", "TC-HCB"),
+    ("MFG-HFD", "TC-UKHD"),
+)
+_DEMO_ACTOR: Final = Actor(0, "coldchain demo", Role.ADMIN)
+
+
+async def seed(store: Store, *, dewars: int, fleet_start: datetime) -> dict[str, str]:
+    """Make the demo usable at once: the example route network, a token per role, and an
+    active shipment for every simulated dewar, packed and picked up when the fleet started.
+    Returns the tokens by role."""
+    network = example_network()
+    await store.import_sites(list(network.sites.values()), _DEMO_ACTOR.name)
+    await store.import_lanes(list(network.lanes), _DEMO_ACTOR.name)
+    await store.import_flights(list(network.flights), _DEMO_ACTOR.name)
+    tokens = {}
+    for role in Role:
+        token = new_token()
+        await store.create_token(
+            f"demo {role}",
+            role,
+            token_hash(token),
+            datetime.now(UTC) + timedelta(days=7),
+            _DEMO_ACTOR.name,
+        )
+        tokens[str(role)] = token
+    active = {s.dewar_id: s for s in await store.shipments(limit=500) if s.status.active}
+    for index in range(dewars):
+        dewar = dewar_id(index + 1)
+        lane = LANES[index % len(LANES)]
+        origin, destination = LANE_SITES[index % len(LANE_SITES)]
+        current = active.get(dewar)
+        if current is not None and current.starts_at <= fleet_start:
+            continue  # still travelling from an earlier run of the demo
+        if current is not None:
+            await store.record_event(
+                current.id,
+                EventType.CANCELLED,
+                datetime.now(UTC),
+                None,
+                "demo restarted",
+                _DEMO_ACTOR,
+            )
+        now = datetime.now(UTC)
+        shipment = Shipment(
+            id=f"DEMO-{dewar}-{fleet_start:%m%d%H%M}",
+            dewar_id=dewar,
+            profile="cryo-vapor",
+            origin=origin,
+            destination=destination,
+            deliver_by=fleet_start + timedelta(hours=lane.transit_hours + 24),
+            planned_departure=fleet_start,
+            chain_of_identity=f"DEMO-COI-{index + 1:04d}",
+            status=Status.CREATED,
+            created_at=now,
+            created_by=_DEMO_ACTOR.label,
+            starts_at=now,
+            ends_at=None,
+        )
+        created = await store.create_shipment(shipment, _DEMO_ACTOR)
+        await store.record_event(
+            created.id,
+            EventType.PACKED,
+            fleet_start,
+            origin,
+            "charged dry shipper, payload loaded",
+            _DEMO_ACTOR,
+        )
+        await store.record_event(
+            created.id,
+            EventType.PICKED_UP,
+            fleet_start + timedelta(minutes=30),
+            origin,
+            None,
+            _DEMO_ACTOR,
+        )
+    return tokens
 
 
 def _fleet(
@@ -39,6 +135,7 @@ def _fleet(
     faults_spec: str | None,
     duration_s: float | None,
     client_id: str,
+    start: datetime | None = None,
 ) -> FleetRunner:
     if speed <= 0 or interval_s <= 0:
         raise ConfigError("--speed and --interval must be positive")
@@ -58,6 +155,7 @@ def _fleet(
         client_id=client_id,
         username=address.username,
         password=address.password,
+        start=start,
     )
 
 
@@ -125,8 +223,10 @@ def demo(settings: Settings, *, dewars: int, speed: float, state_dir: str | None
             lines.append(f"  MQTT broker  {settings.mqtt_url}  (embedded {broker.kind})")
         else:
             lines.append(f"  MQTT broker  {settings.mqtt.url}  (from COLDCHAIN_MQTT_URL)")
+        fleet_start = datetime.now(UTC) - DEMO_HISTORY
         runner = _fleet(
             settings,
+            start=fleet_start,
             dewars=dewars,
             interval_s=60.0,
             speed=speed,
@@ -139,6 +239,7 @@ def demo(settings: Settings, *, dewars: int, speed: float, state_dir: str | None
             f"  Service      {base}",
             f"               {base}/readyz    ready when PostgreSQL and MQTT are reachable",
             f"               {base}/metrics   ingest counters (Prometheus text)",
+            f"               {base}/api/v1/shipments   (Authorization: Bearer <a token below>)",
             f"               {base}/api/v1/dead-letters   rejected messages and why",
             f"  Fleet        {dewars} simulated dewars at {speed:g}x real time, with tipped "
             "dewars, an open lid, a link loss, an LN2 exhaustion and a stuck sensor",
@@ -147,9 +248,14 @@ def demo(settings: Settings, *, dewars: int, speed: float, state_dir: str | None
         app = create_app(settings)
 
         async def fleet(app: web.Application) -> AsyncIterator[None]:
-            await app[keys.BROKER].wait_connected()
+            await app[keys.BROKER].wait_connected()  # migrations are applied by then
+            tokens = await seed(app[keys.STORE], dewars=dewars, fleet_start=fleet_start)
             runner.start()
-            print("coldchain demo is running\n" + "\n".join(lines), flush=True)
+            token_lines = [f"  Token {role:9}{token}" for role, token in tokens.items()]
+            print(
+                "coldchain demo is running\n" + "\n".join(lines[:-1] + token_lines + lines[-1:]),
+                flush=True,
+            )
             yield
             stats = await asyncio.to_thread(runner.stop, 15)
             logger.info("fleet stopped: %s", _describe(stats))

@@ -90,8 +90,8 @@ LANES: Final[tuple[Lane, ...]] = (
         14.0,
     ),
     Lane(
-        "Hoofddorp NL -> Hopital Saint-Louis, Paris FR",
-        (_HOOFDDORP, _AMS, (49.0097, 2.5479), (48.8739, 2.3689)),
+        "Hoofddorp NL -> Gustave Roussy, Villejuif FR",
+        (_HOOFDDORP, _AMS, (49.0097, 2.5479), (48.7944, 2.3509)),
         12.0,
     ),
     Lane(
@@ -105,8 +105,8 @@ LANES: Final[tuple[Lane, ...]] = (
         15.0,
     ),
     Lane(
-        "Hoofddorp NL -> University Hospital Wuerzburg, DE",
-        (_HOOFDDORP, (49.8015, 9.9553)),
+        "Hoofddorp NL -> Heidelberg University Hospital, DE",
+        (_HOOFDDORP, (49.4183, 8.6698)),
         10.0,
     ),
 )
