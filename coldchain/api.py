@@ -13,25 +13,40 @@ import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
+from urllib.parse import quote
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 from aiohttp import web
 
 from coldchain import keys
+from coldchain.alarms import Alarm, AlarmState, Channel, Recipient
 from coldchain.auth import Actor, Permission, new_token, token_hash
 from coldchain.errors import BadRequest, NotFound
-from coldchain.profiles import Profile, check
+from coldchain.excursions import RECHARGE_JUMP_PCT
+from coldchain.forecast import forecast
+from coldchain.profiles import Profile, Severity, check
 from coldchain.schemas import (
+    AlarmChangeOut,
+    AlarmDetail,
+    AlarmOut,
+    AlarmPage,
     AuditOut,
     AuditPage,
     BucketOut,
+    CommentIn,
     DeadLetterOut,
     DeadLetterPage,
+    DeliveryOut,
     EventIn,
     EventOut,
     EventRecorded,
+    HoldOut,
     ProfileList,
     ReadingOut,
+    RecipientIn,
+    RecipientList,
+    RecipientOut,
     ShipmentDetail,
     ShipmentIn,
     ShipmentOut,
@@ -53,6 +68,7 @@ from coldchain.shipments import (
     new_shipment_id,
 )
 from coldchain.store import IncomingReading, StoredDeadLetter
+from coldchain.watch import live_alarm
 from routing import SiteKind
 
 routes = web.RouteTableDef()
@@ -290,16 +306,289 @@ async def get_shipment(request: web.Request) -> web.Response:
     last_seen = None
     if last is not None:
         last_seen = (datetime.now(UTC) - last.received_at).total_seconds()
+    open_alarms = await store.open_alarms(shipment.id)
+    recent = await store.shipment_readings(
+        shipment, (last.reading.ts - timedelta(hours=12)) if last else None, None, 2000
+    )
     detail = ShipmentDetail(
         shipment=shipment_out(shipment),
         last_reading=None if last is None else reading_out(last),
         last_seen_s=last_seen,
         events=[event_out(e) for e in events],
-        open_alarms=[],
-        hold=None,
+        open_alarms=[alarm_out(a) for a in open_alarms],
+        hold=hold_forecast(shipment, recent),
         route=None,
     )
     return reply(detail)
+
+
+def hold_forecast(shipment: Shipment, recent: list[IncomingReading]) -> HoldOut | None:
+    """The LN2 forecast from the recent level since the last recharge (a jump up)."""
+    points = [
+        (i.reading.ts, i.reading.ln2_level_pct, i.reading.tilt_deg)
+        for i in recent
+        if i.reading.ln2_level_pct is not None
+    ]
+    for k in range(len(points) - 1, 0, -1):
+        if (
+            points[k][1] is not None
+            and points[k - 1][1] is not None
+            and (points[k][1] - points[k - 1][1] >= RECHARGE_JUMP_PCT)
+        ):
+            points = points[k:]
+            break
+    found = forecast([(ts, float(level), tilt) for ts, level, tilt in points if level is not None])
+    if found is None:
+        return None
+    left = None
+    if found.depletion_at is not None:
+        left = (found.depletion_at - found.as_of).total_seconds() / 3600
+    margin = None
+    if found.depletion_at is not None and shipment.deliver_by is not None:
+        margin = (found.depletion_at - shipment.deliver_by).total_seconds() / 3600
+    return HoldOut(
+        found.level_pct,
+        found.loss_pct_per_h,
+        found.depletion_at,
+        found.earliest_at,
+        left,
+        margin,
+        found.tipped,
+    )
+
+
+def alarm_out(a: Alarm) -> AlarmOut:
+    return AlarmOut(
+        id=a.id,
+        shipment_id=a.shipment_id,
+        dewar_id=a.dewar_id,
+        rule=a.rule,
+        severity=str(a.severity),
+        state=a.state.public,
+        condition_active=a.condition_active,
+        started_at=a.started_at,
+        raised_at=a.raised_at,
+        cleared_at=a.cleared_at,
+        acknowledged_at=a.acknowledged_at,
+        acknowledged_by=a.acknowledged_by,
+        ack_comment=a.ack_comment,
+        closed_at=a.closed_at,
+        closed_by=a.closed_by,
+        close_comment=a.close_comment,
+        value=a.value,
+        limit=a.limit,
+        message=a.message,
+        escalation_level=a.escalation_level,
+    )
+
+
+# Alarms --------------------------------------------------------------------------------------
+
+
+@routes.get("/api/v1/alarms")
+@requires(Permission.READ)
+async def list_alarms(request: web.Request) -> web.Response:
+    """Alarms, newest first; filter by `state`, `shipment_id`, `severity`."""
+    raw_state = _text(request, "state")
+    raw_severity = _text(request, "severity")
+    try:
+        state = AlarmState(raw_state) if raw_state is not None else None
+        severity = Severity(raw_severity) if raw_severity is not None else None
+    except ValueError as exc:
+        raise BadRequest(
+            "state must be open, acknowledged, cleared or closed; severity "
+            "info, warning, major or critical"
+        ) from exc
+    limit = _int(request, "limit", 100, low=1, high=1000)
+    before = _int(request, "before", 0, low=0, high=2**63 - 1) or None
+    rows = await request.app[keys.STORE].alarms(
+        state=state,
+        shipment_id=_text(request, "shipment_id"),
+        severity=severity,
+        limit=limit,
+        before=before,
+    )
+    next_link = None
+    if rows and len(rows) == limit:
+        next_link = f"{request.path}?{_requery(request, before=str(rows[-1].id))}"
+    return reply(AlarmPage([alarm_out(a) for a in rows], next_link))
+
+
+def _requery(request: web.Request, **changes: str) -> str:
+    query = dict(request.query)
+    query.update(changes)
+    return "&".join(f"{quote(k)}={quote(v)}" for k, v in query.items())
+
+
+def _alarm_id(request: web.Request) -> int:
+    raw = request.match_info["alarm_id"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise NotFound("no such alarm")
+    return int(raw)
+
+
+@routes.get("/api/v1/alarms/{alarm_id}")
+@requires(Permission.READ)
+async def get_alarm(request: web.Request) -> web.Response:
+    """An alarm with every change (who, when, comment) and every notification's delivery."""
+    store = request.app[keys.STORE]
+    alarm, changes = await store.alarm(_alarm_id(request))
+    deliveries = []
+    for n, attempts in await store.delivery_log(alarm.id):
+        last = attempts[-1] if attempts else None
+        deliveries.append(
+            DeliveryOut(
+                id=n.id,
+                channel=str(n.channel),
+                recipient=n.recipient.name if n.recipient else None,
+                state="sent"
+                if last is not None and last.ok
+                else ("retrying" if attempts else "pending"),
+                attempts=len(attempts),
+                last_attempt_at=last.at if last else None,
+                last_detail=last.detail if last else None,
+            )
+        )
+    return reply(
+        AlarmDetail(
+            alarm_out(alarm),
+            [
+                AlarmChangeOut(
+                    c.id,
+                    c.state.public,
+                    str(c.severity),
+                    c.at,
+                    c.actor,
+                    c.comment,
+                    c.escalation_level,
+                )
+                for c in changes
+            ],
+            deliveries,
+        )
+    )
+
+
+@routes.post("/api/v1/alarms/{alarm_id}/ack")
+@requires(Permission.ALARMS)
+async def acknowledge_alarm(request: web.Request) -> web.Response:
+    """Acknowledge an alarm: who (from the token), when, and a required comment."""
+    alarm_id = _alarm_id(request)
+    body = await decode_body(request, CommentIn)
+    if not body.comment.strip():
+        raise BadRequest("comment must say something")
+    alarm = await request.app[keys.STORE].acknowledge_alarm(
+        alarm_id, body.comment.strip(), actor(request)
+    )
+    _after_person_acted(request, alarm)
+    return reply(alarm_out(alarm))
+
+
+@routes.post("/api/v1/alarms/{alarm_id}/close")
+@requires(Permission.ALARMS)
+async def close_alarm(request: web.Request) -> web.Response:
+    """Close an alarm whose condition has cleared (or a spent budget), with a comment."""
+    alarm_id = _alarm_id(request)
+    body = await decode_body(request, CommentIn)
+    if not body.comment.strip():
+        raise BadRequest("comment must say something")
+    store = request.app[keys.STORE]
+    current, _ = await store.alarm(alarm_id)
+    shipment = await store.shipment(current.shipment_id)
+    profile = await store.profile(shipment.profile)
+    cumulative = profile is not None and any(
+        limit.rule == current.rule and limit.budget_s is not None
+        for limit in profile.profile.limits
+    )
+    alarm = await store.close_alarm(alarm_id, body.comment.strip(), actor(request), cumulative)
+    _after_person_acted(request, alarm)
+    return reply(alarm_out(alarm))
+
+
+def _after_person_acted(request: web.Request, alarm: Alarm) -> None:
+    request.app[keys.DISPATCHER].wake()
+    request.app[keys.LIVE].publish("alarm", live_alarm(alarm))
+
+
+# Recipients ----------------------------------------------------------------------------------
+
+
+def recipient_out(r: Recipient) -> RecipientOut:
+    return RecipientOut(
+        r.id,
+        r.name,
+        str(r.channel),
+        r.address,
+        r.secret is not None,
+        str(r.min_severity),
+        r.site_id,
+        r.shipment_id,
+        r.tier,
+        r.quiet_from,
+        r.quiet_until,
+        r.tz,
+        r.active,
+    )
+
+
+@routes.get("/api/v1/recipients")
+@requires(Permission.RECIPIENTS)
+async def list_recipients(request: web.Request) -> web.Response:
+    rows = await request.app[keys.STORE].recipients()
+    return reply(RecipientList([recipient_out(r) for r in rows]))
+
+
+@routes.post("/api/v1/recipients")
+@requires(Permission.RECIPIENTS)
+async def add_recipient(request: web.Request) -> web.Response:
+    """Who hears about alarms: e-mail or webhook, by severity, site or shipment, and tier."""
+    body = await decode_body(request, RecipientIn)
+    try:
+        ZoneInfo(body.tz)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise BadRequest(f"unknown time zone {body.tz!r}") from exc
+    if (body.quiet_from is None) != (body.quiet_until is None):
+        raise BadRequest("quiet_from and quiet_until come together")
+    if body.channel == "webhook" and not body.address.startswith(("http://", "https://")):
+        raise BadRequest("a webhook address is an http:// or https:// URL")
+    if body.channel == "email" and "@" not in body.address:
+        raise BadRequest("an e-mail address needs an @")
+    added = await request.app[keys.STORE].add_recipient(
+        Recipient(
+            id=0,
+            name=body.name,
+            channel=Channel(body.channel),
+            address=body.address,
+            secret=body.secret,
+            min_severity=Severity(body.min_severity),
+            site_id=body.site_id,
+            shipment_id=body.shipment_id,
+            tier=body.tier,
+            quiet_from=body.quiet_from,
+            quiet_until=body.quiet_until,
+            tz=body.tz,
+            active=True,
+        ),
+        actor(request).label,
+    )
+    return reply(recipient_out(added), status=201)
+
+
+@routes.delete("/api/v1/recipients/{recipient_id}")
+@requires(Permission.RECIPIENTS)
+async def remove_recipient(request: web.Request) -> web.Response:
+    raw = request.match_info["recipient_id"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise NotFound("no such recipient")
+    await request.app[keys.STORE].remove_recipient(int(raw), actor(request).label)
+    return web.Response(status=204)
+
+
+@routes.get("/api/v1/live")
+@requires(Permission.READ)
+async def live(request: web.Request) -> web.StreamResponse:
+    """WebSocket: readings and alarm changes as they happen (JSON text frames)."""
+    return await request.app[keys.LIVE].serve(request)
 
 
 @routes.post("/api/v1/shipments/{shipment_id}/events")

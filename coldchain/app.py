@@ -11,14 +11,18 @@ from typing import Any
 from aiohttp import web
 
 from coldchain import api, health, keys, openapi
+from coldchain.alarms import Alarm
 from coldchain.auth import FailureLimiter
 from coldchain.broker import BrokerLink
 from coldchain.errors import StoreUnavailable
 from coldchain.ingest import Ingest
+from coldchain.live import LiveHub
 from coldchain.metrics import Registry
 from coldchain.middleware import authenticate, errors
+from coldchain.notify import Dispatcher
 from coldchain.settings import Settings
-from coldchain.store import Store
+from coldchain.store import IncomingReading, Store
+from coldchain.watch import Watch, live_alarm
 from sensors import STATUS_FILTER, TELEMETRY_FILTER, shared
 
 logger = logging.getLogger(__name__)
@@ -31,11 +35,14 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = Registry()
     app[keys.AUTH_FAILURES] = FailureLimiter()
+    app[keys.LIVE] = LiveHub(app[keys.METRICS])
+    app[keys.MIGRATED] = asyncio.Event()
     app.add_routes(health.routes)
     app.add_routes(api.routes)
     app.add_routes(openapi.routes)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_ingest)
+    app.cleanup_ctx.append(_alerting)
     return app
 
 
@@ -113,6 +120,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
 
     async def run() -> None:
         await migrate_when_reachable(store, settings.backoff_cap_s)
+        app[keys.MIGRATED].set()
         await asyncio.gather(broker.run(), ingest.run_writer())
 
     task = supervise(run(), "ingest")
@@ -134,3 +142,57 @@ def run(settings: Settings, *, print_fn: Callable[..., None] | None = None) -> N
         access_log=None,
         shutdown_timeout=10,
     )
+
+
+def _reading_event(item: IncomingReading) -> dict[str, object]:
+    r = item.reading
+    return {
+        "dewar_id": item.dewar_id,
+        "seq": r.seq,
+        "ts": r.ts,
+        "temp_c": r.temp_c,
+        "ln2_level_pct": r.ln2_level_pct,
+        "tilt_deg": r.tilt_deg,
+        "shock_g": r.shock_g,
+        "lid_open": r.lid_open,
+        "battery_pct": r.battery_pct,
+        "lat": r.lat,
+        "lon": r.lon,
+    }
+
+
+async def _alerting(app: web.Application) -> AsyncIterator[None]:
+    """The rules, the notification dispatcher and the live stream's feed."""
+    store, live = app[keys.STORE], app[keys.LIVE]
+    dispatcher = Dispatcher(
+        store, app[keys.BROKER], app[keys.METRICS], smtp_url=app[keys.SETTINGS].smtp_url
+    )
+
+    def changed(alarms: list[Alarm]) -> None:
+        dispatcher.wake()
+        for alarm in alarms:
+            live.publish("alarm", live_alarm(alarm))
+
+    watch = Watch(store, app[keys.METRICS], on_change=changed)
+    migrated = app[keys.MIGRATED]
+
+    async def after_migrations(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        await migrated.wait()
+        await work()
+
+    async def committed(readings: list[IncomingReading]) -> None:
+        if live.clients:
+            live.publish("readings", [_reading_event(r) for r in readings])
+        await watch.committed(readings)
+
+    app[keys.INGEST].after_commit(committed)
+    app[keys.WATCH] = watch
+    app[keys.DISPATCHER] = dispatcher
+    tasks = [
+        supervise(after_migrations(watch.run), "rules"),
+        supervise(after_migrations(dispatcher.run), "notifications"),
+    ]
+    yield
+    for task in tasks:
+        await stop(task)
+    await watch.flush()

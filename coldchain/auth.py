@@ -37,6 +37,7 @@ class Permission(StrEnum):
     PROFILES = "profiles"  # edit product profiles
     TOKENS = "tokens"  # make and revoke tokens
     AUDIT = "audit"  # read the audit log
+    RECIPIENTS = "recipients"  # who hears about alarms
 
 
 ROLE_PERMISSIONS: Final[dict[Role, frozenset[Permission]]] = {

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Protocol
@@ -142,6 +143,7 @@ class Ingest:
         self._store_ok = True
         self._max_outstanding = max_outstanding
         self._link: BrokerControl | None = None
+        self._after_commit: Callable[[list[IncomingReading]], Awaitable[None]] | None = None
         self._paused = False
         self.metrics = IngestMetrics(registry)
         registry.gauge(
@@ -154,6 +156,11 @@ class Ingest:
             "Age of the oldest message not yet committed (consumer lag now)",
             source=self._oldest_pending_age,
         )
+
+    def after_commit(self, hook: Callable[[list[IncomingReading]], Awaitable[None]]) -> None:
+        """Called with each committed batch's new readings, after they are acknowledged (the
+        rules and the live stream); the writer waits for it, so it pushes back on ingest."""
+        self._after_commit = hook
 
     def attach(self, link: BrokerControl) -> None:
         """The broker link: told which messages to acknowledge after each commit, to stop
@@ -196,7 +203,8 @@ class Ingest:
             and self.outstanding >= self._max_outstanding
         ):
             self._paused = True
-            logger.info(
+            self.metrics.read_pauses.inc()
+            logger.debug(
                 "holding %d uncommitted messages: pausing reads from the broker", self.outstanding
             )
             self._link.pause_reading()
@@ -234,13 +242,19 @@ class Ingest:
             self._writing = []
             if self._link is not None:
                 self._link.acknowledge([p.packet_id for p in stored if p.packet_id is not None])
-                if self._paused and self.outstanding <= self._max_outstanding // 2:
-                    self._paused = False
-                    logger.info(
-                        "down to %d uncommitted messages: reading from the broker again",
-                        self.outstanding,
-                    )
-                    self._link.resume_reading()
+            if self._after_commit is not None:
+                await self._after_commit([r for p in stored for r in p.readings])
+            if (
+                self._link is not None
+                and self._paused
+                and self.outstanding <= self._max_outstanding // 2
+            ):
+                self._paused = False
+                logger.debug(
+                    "down to %d uncommitted messages: reading from the broker again",
+                    self.outstanding,
+                )
+                self._link.resume_reading()
 
     def abandon(self) -> None:
         """On shutdown, after the broker link is closed: forget what is held. None of it was

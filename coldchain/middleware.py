@@ -76,6 +76,10 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
             f"too many failed authentications from this address; try again in {wait:.0f} s", wait
         )
     header = request.headers.get("Authorization", "")
+    if not header and request.headers.get("Upgrade", "").lower() == "websocket":
+        # Browsers cannot set headers on a WebSocket: the token may come as ?token=.
+        query_token = request.query.get("token", "")
+        header = f"Bearer {query_token}" if query_token else ""
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if not header:

@@ -46,6 +46,7 @@ _ID = {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}
 _TIME = {"type": "string", "format": "date-time"}
 _LIMIT = Param("limit", "query", {"type": "integer", "minimum": 1}, "page size")
 SHIPMENT_ID = Param("shipment_id", "path", _ID, "shipment id", required=True)
+ALARM_ID = Param("alarm_id", "path", {"type": "string", "pattern": "^[0-9]{1,18}$"}, required=True)
 
 OPERATIONS: Final[tuple[Operation, ...]] = (
     Operation(
@@ -183,6 +184,97 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
             Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000}),
             Param("before", "query", {"type": "integer", "minimum": 0}),
         ),
+    ),
+    Operation(
+        "get",
+        "/api/v1/alarms",
+        api.list_alarms,
+        "Alarms, newest first",
+        schemas.AlarmPage,
+        params=(
+            Param(
+                "state",
+                "query",
+                {"type": "string", "enum": ["open", "acknowledged", "cleared", "closed"]},
+            ),
+            Param(
+                "severity",
+                "query",
+                {"type": "string", "enum": ["info", "warning", "major", "critical"]},
+            ),
+            Param("shipment_id", "query", {"type": "string", "minLength": 1}),
+            Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000}),
+            Param("before", "query", {"type": "integer", "minimum": 0}),
+        ),
+    ),
+    Operation(
+        "get",
+        "/api/v1/alarms/{alarm_id}",
+        api.get_alarm,
+        "An alarm with its changes and deliveries",
+        schemas.AlarmDetail,
+        params=(ALARM_ID,),
+        errors=(401, 403, 404, 429),
+    ),
+    Operation(
+        "post",
+        "/api/v1/alarms/{alarm_id}/ack",
+        api.acknowledge_alarm,
+        "Acknowledge an alarm (comment required)",
+        schemas.AlarmOut,
+        200,
+        schemas.CommentIn,
+        (ALARM_ID,),
+        (400, 401, 403, 404, 409, 415, 429),
+    ),
+    Operation(
+        "post",
+        "/api/v1/alarms/{alarm_id}/close",
+        api.close_alarm,
+        "Close an alarm (comment required)",
+        schemas.AlarmOut,
+        200,
+        schemas.CommentIn,
+        (ALARM_ID,),
+        (400, 401, 403, 404, 409, 415, 429),
+    ),
+    Operation(
+        "get",
+        "/api/v1/recipients",
+        api.list_recipients,
+        "Alarm recipients (admins)",
+        schemas.RecipientList,
+    ),
+    Operation(
+        "post",
+        "/api/v1/recipients",
+        api.add_recipient,
+        "Add an alarm recipient",
+        schemas.RecipientOut,
+        201,
+        schemas.RecipientIn,
+        errors=(400, 401, 403, 415, 429),
+    ),
+    Operation(
+        "delete",
+        "/api/v1/recipients/{recipient_id}",
+        api.remove_recipient,
+        "Remove an alarm recipient",
+        None,
+        204,
+        params=(Param("recipient_id", "path", {"type": "string"}, required=True),),
+        errors=(401, 403, 404, 429),
+    ),
+    Operation(
+        "get",
+        "/api/v1/live",
+        api.live,
+        "WebSocket stream of readings and alarm changes ({type, data} JSON frames); "
+        "browsers may pass the token as ?token=",
+        None,
+        101,
+        params=(Param("token", "query", {"type": "string"}, "token, for browsers"),),
+        errors=(400, 401, 403, 429),
     ),
     Operation("get", "/api/v1/tokens", api.list_tokens, "API tokens (admins)", schemas.TokenList),
     Operation(

@@ -99,13 +99,25 @@ class ReadingOut(msgspec.Struct, frozen=True):
     extra: dict[str, Any] | None = None
 
 
+class HoldOut(msgspec.Struct, frozen=True):
+    """The LN2 forecast: when the charge runs out at the current rate of loss."""
+
+    level_pct: float
+    loss_pct_per_h: float
+    depletion_at: datetime | None
+    earliest_at: datetime | None
+    hours_left: float | None
+    margin_h: float | None  # hours between forecast depletion and deliver_by
+    tipped: bool
+
+
 class ShipmentDetail(msgspec.Struct, frozen=True):
     shipment: ShipmentOut
     last_reading: ReadingOut | None
     last_seen_s: float | None
     events: list[EventOut]
-    open_alarms: list[dict[str, Any]]
-    hold: dict[str, Any] | None
+    open_alarms: list[AlarmOut]
+    hold: HoldOut | None
     route: dict[str, Any] | None
 
 
@@ -228,3 +240,95 @@ class Health(msgspec.Struct, frozen=True):
 class Readiness(msgspec.Struct, frozen=True):
     ready: bool
     checks: dict[str, str]
+
+
+class AlarmOut(msgspec.Struct, frozen=True):
+    id: int
+    shipment_id: str
+    dewar_id: str
+    rule: str
+    severity: str
+    state: str
+    condition_active: bool
+    started_at: datetime
+    raised_at: datetime
+    cleared_at: datetime | None
+    acknowledged_at: datetime | None
+    acknowledged_by: str | None
+    ack_comment: str | None
+    closed_at: datetime | None
+    closed_by: str | None
+    close_comment: str | None
+    value: float | None
+    limit: float | None
+    message: str
+    escalation_level: int
+
+
+class AlarmPage(msgspec.Struct, frozen=True):
+    items: list[AlarmOut]
+    next: str | None = None
+
+
+class AlarmChangeOut(msgspec.Struct, frozen=True):
+    id: int
+    state: str
+    severity: str
+    at: datetime
+    actor: str | None
+    comment: str | None
+    escalation_level: int
+
+
+class DeliveryOut(msgspec.Struct, frozen=True):
+    id: int
+    channel: str
+    recipient: str | None
+    state: str
+    attempts: int
+    last_attempt_at: datetime | None
+    last_detail: str | None
+
+
+class AlarmDetail(msgspec.Struct, frozen=True):
+    alarm: AlarmOut
+    changes: list[AlarmChangeOut]
+    deliveries: list[DeliveryOut]
+
+
+class CommentIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    comment: Annotated[str, Meta(min_length=1, max_length=2000)]
+
+
+class RecipientIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(min_length=1, max_length=100)]
+    channel: Annotated[str, Meta(pattern="^(email|webhook)$")]
+    address: Annotated[str, Meta(min_length=3, max_length=2000)]
+    secret: Annotated[str, Meta(min_length=16, max_length=200)] | None = None
+    min_severity: Annotated[str, Meta(pattern="^(info|warning|major|critical)$")] = "warning"
+    site_id: Id | None = None
+    shipment_id: Id | None = None
+    tier: Annotated[int, Meta(ge=0, le=9)] = 0
+    quiet_from: time | None = None
+    quiet_until: time | None = None
+    tz: Annotated[str, Meta(min_length=1, max_length=64)] = "UTC"
+
+
+class RecipientOut(msgspec.Struct, frozen=True):
+    id: int
+    name: str
+    channel: str
+    address: str
+    has_secret: bool
+    min_severity: str
+    site_id: str | None
+    shipment_id: str | None
+    tier: int
+    quiet_from: time | None
+    quiet_until: time | None
+    tz: str
+    active: bool
+
+
+class RecipientList(msgspec.Struct, frozen=True):
+    items: list[RecipientOut]

@@ -19,9 +19,20 @@ from typing import TYPE_CHECKING, Any, Final, Self
 import asyncpg
 import msgspec
 
+from coldchain.alarms import (
+    REMIND_AFTER,
+    Alarm,
+    AlarmChange,
+    AlarmState,
+    Channel,
+    Recipient,
+    acknowledge_check,
+    alert_body,
+    close_check,
+)
 from coldchain.auth import Actor, Role
 from coldchain.errors import BadRequest, Conflict, NotFound, StoreUnavailable
-from coldchain.profiles import BUILT_IN, Profile
+from coldchain.profiles import BUILT_IN, Profile, Severity
 from coldchain.shipments import AuditEntry, CustodyEvent, EventType, Shipment, Status, next_status
 from routing import Flight, Lane, LaneMode, ReceivingHours, Site, SiteKind
 from sensors import Reading
@@ -521,9 +532,9 @@ async def _audit(
     )
 
 
-class Store(TelemetryStore):
-    """Every query the service makes: the ingest's, and those about shipments, custody, sites,
-    profiles, tokens and the audit log."""
+class ShipmentStore(TelemetryStore):
+    """The ingest's queries and those about shipments, custody, sites, profiles, tokens and
+    the audit log."""
 
     # Profiles ------------------------------------------------------------------------------
 
@@ -1095,3 +1106,633 @@ def _window(
 
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
+
+
+# --- alarms, recipients, the notification outbox ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """What the rule engine says happened to an episode (see `coldchain.excursions`)."""
+
+    episode_key: str
+    rule: str
+    severity: Severity
+    kind: str  # raised | cleared | retracted | reopened
+    started_at: datetime
+    at: datetime
+    value: float
+    limit: float
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    id: int
+    alarm_id: int
+    channel: Channel
+    recipient: Recipient | None
+    body: dict[str, Any]
+    attempts: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptInfo:
+    at: datetime
+    ok: bool
+    detail: str | None
+    duration_ms: float | None
+
+
+def _row(row: asyncpg.Record | None) -> asyncpg.Record:
+    if row is None:
+        raise RuntimeError("a row that must exist was not found")
+    return row
+
+
+def _alarm(row: asyncpg.Record) -> Alarm:
+    return Alarm(
+        id=row["id"],
+        shipment_id=row["shipment_id"],
+        dewar_id=row["dewar_id"],
+        rule=row["rule"],
+        episode_key=row["episode_key"],
+        severity=Severity(row["severity"]),
+        state=AlarmState(row["state"]),
+        condition_active=row["condition_active"],
+        started_at=row["started_at"],
+        raised_at=row["raised_at"],
+        cleared_at=row["cleared_at"],
+        acknowledged_at=row["acknowledged_at"],
+        acknowledged_by=row["acknowledged_by"],
+        ack_comment=row["ack_comment"],
+        closed_at=row["closed_at"],
+        closed_by=row["closed_by"],
+        close_comment=row["close_comment"],
+        value=row["value"],
+        limit=row["limit_value"],
+        message=row["message"],
+        escalation_level=row["escalation_level"],
+        next_notify_at=row["next_notify_at"],
+    )
+
+
+def _recipient(row: asyncpg.Record) -> Recipient:
+    return Recipient(
+        id=row["id"],
+        name=row["name"],
+        channel=Channel(row["channel"]),
+        address=row["address"],
+        secret=row["secret"],
+        min_severity=Severity(row["min_severity"]),
+        site_id=row["site_id"],
+        shipment_id=row["shipment_id"],
+        tier=row["tier"],
+        quiet_from=row["quiet_from"],
+        quiet_until=row["quiet_until"],
+        tz=row["tz"],
+        active=row["active"],
+    )
+
+
+class Store(ShipmentStore):
+    """Every query the service makes: telemetry, shipments, and alarms with their outbox."""
+
+    async def apply_transitions(
+        self, shipment: Shipment, transitions: Sequence[Transition]
+    ) -> list[Alarm]:
+        """Upsert the episodes' alarms, record each change, and queue its notifications, in one
+        transaction. Idempotent: a transition already applied changes nothing."""
+        changed: list[Alarm] = []
+        if not transitions:
+            return changed
+        async with self._connection() as conn, conn.transaction():
+            recipients = await self._recipients(conn)
+            for t in transitions:
+                alarm = await self._apply_one(conn, shipment, t)
+                if alarm is not None:
+                    await self._record_change(conn, alarm, shipment, recipients, None, None)
+                    changed.append(alarm)
+        return changed
+
+    async def _apply_one(self, conn: Connection, shipment: Shipment, t: Transition) -> Alarm | None:
+        current = await conn.fetchrow(
+            "SELECT * FROM alarms WHERE shipment_id = $1 AND episode_key = $2 FOR UPDATE",
+            shipment.id,
+            t.episode_key,
+        )
+        now = datetime.now(UTC)
+        if t.kind == "raised":
+            if current is None:
+                remind = REMIND_AFTER[t.severity]
+                row = await conn.fetchrow(
+                    "INSERT INTO alarms (shipment_id, dewar_id, rule, episode_key, severity,"
+                    " state, started_at, value, limit_value, message, next_notify_at)"
+                    " VALUES ($1,$2,$3,$4,$5,'open',$6,$7,$8,$9,$10) RETURNING *",
+                    shipment.id,
+                    shipment.dewar_id,
+                    t.rule,
+                    t.episode_key,
+                    str(t.severity),
+                    t.started_at,
+                    t.value,
+                    t.limit,
+                    t.message,
+                    None if remind is None else now + remind,
+                )
+                return None if row is None else _alarm(row)
+            if current["state"] == "void":
+                row = await conn.fetchrow(
+                    "UPDATE alarms SET state = 'open', condition_active = true, cleared_at = NULL,"
+                    " value = $2, message = $3, updated_at = now() WHERE id = $1 RETURNING *",
+                    current["id"],
+                    t.value,
+                    t.message,
+                )
+                return None if row is None else _alarm(row)
+            # Already known: keep the worst value seen and the latest wording, quietly.
+            await conn.execute(
+                "UPDATE alarms SET value = $2, message = $3, updated_at = now() WHERE id = $1",
+                current["id"],
+                t.value,
+                t.message,
+            )
+            return None
+        if current is None:
+            logger.warning(
+                "transition %s for unknown episode %s of %s; ignored",
+                t.kind,
+                t.episode_key,
+                shipment.id,
+            )
+            return None
+        state = AlarmState(current["state"])
+        if t.kind == "cleared":
+            if not current["condition_active"]:
+                return None
+            new_state: AlarmState = (
+                state if state in (AlarmState.CLOSED, AlarmState.VOID) else (AlarmState.CLEARED)
+            )
+            row = await conn.fetchrow(
+                "UPDATE alarms SET condition_active = false, cleared_at = $2, state = $3,"
+                " value = $4, updated_at = now() WHERE id = $1 RETURNING *",
+                current["id"],
+                t.at,
+                str(new_state),
+                t.value,
+            )
+        elif t.kind == "retracted":
+            if state is AlarmState.VOID:
+                return None
+            row = await conn.fetchrow(
+                "UPDATE alarms SET state = 'void', condition_active = false,"
+                " next_notify_at = NULL, message = $2, updated_at = now()"
+                " WHERE id = $1 RETURNING *",
+                current["id"],
+                f"retracted: late readings show this did not happen ({current['message']})",
+            )
+        elif t.kind == "reopened":
+            if current["condition_active"]:
+                return None
+            new_state = (
+                AlarmState.ACKNOWLEDGED
+                if current["acknowledged_at"] is not None
+                else AlarmState.OPEN
+            )
+            row = await conn.fetchrow(
+                "UPDATE alarms SET state = $2, condition_active = true, cleared_at = NULL,"
+                " updated_at = now() WHERE id = $1 RETURNING *",
+                current["id"],
+                str(new_state),
+            )
+        else:
+            raise ValueError(f"unknown transition kind {t.kind!r}")
+        return None if row is None else _alarm(row)
+
+    async def _record_change(
+        self,
+        conn: Connection,
+        alarm: Alarm,
+        shipment: Shipment,
+        recipients: list[Recipient],
+        actor: str | None,
+        comment: str | None,
+    ) -> int:
+        change_id: int = await conn.fetchval(
+            "INSERT INTO alarm_changes (alarm_id, state, severity, actor, comment,"
+            " escalation_level) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            alarm.id,
+            str(alarm.state),
+            str(alarm.severity),
+            actor,
+            comment,
+            alarm.escalation_level,
+        )
+        body = alert_body(alarm, change_id=change_id, actor=actor, comment=comment)
+        now = datetime.now(UTC)
+        rows: list[tuple[Any, ...]] = [(change_id, alarm.id, "mqtt", None, body, now)]
+        sites = (shipment.origin, shipment.destination)
+        for r in recipients:
+            if r.wants(alarm.severity, shipment.id, sites, alarm.escalation_level):
+                due = r.quiet_until_instant(alarm.severity, now) or now
+                rows.append((change_id, alarm.id, str(r.channel), r.id, body, due))
+        await conn.executemany(
+            "INSERT INTO notifications (change_id, alarm_id, channel, recipient_id, body,"
+            " next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            rows,
+        )
+        return change_id
+
+    async def _recipients(self, conn: Connection) -> list[Recipient]:
+        return [
+            _recipient(r)
+            for r in await conn.fetch("SELECT * FROM recipients WHERE active ORDER BY id")
+        ]
+
+    async def acknowledge_alarm(self, alarm_id: int, comment: str, actor: Actor) -> Alarm:
+        return await self._person_acts(alarm_id, comment, actor, close=False)
+
+    async def close_alarm(
+        self, alarm_id: int, comment: str, actor: Actor, cumulative: bool
+    ) -> Alarm:
+        return await self._person_acts(alarm_id, comment, actor, close=True, cumulative=cumulative)
+
+    async def _person_acts(
+        self, alarm_id: int, comment: str, actor: Actor, *, close: bool, cumulative: bool = False
+    ) -> Alarm:
+        async with self._connection() as conn, conn.transaction():
+            row = await conn.fetchrow("SELECT * FROM alarms WHERE id = $1 FOR UPDATE", alarm_id)
+            if row is None:
+                raise NotFound(f"no alarm {alarm_id}")
+            alarm = _alarm(row)
+            if close:
+                close_check(alarm, cumulative)
+                updated = await conn.fetchrow(
+                    "UPDATE alarms SET state = 'closed', closed_at = now(), closed_by = $2,"
+                    " close_comment = $3, next_notify_at = NULL,"
+                    " acknowledged_at = coalesce(acknowledged_at, now()),"
+                    " acknowledged_by = coalesce(acknowledged_by, $2),"
+                    " ack_comment = coalesce(ack_comment, $3), updated_at = now()"
+                    " WHERE id = $1 RETURNING *",
+                    alarm_id,
+                    actor.label,
+                    comment,
+                )
+            else:
+                acknowledge_check(alarm)
+                state = "cleared" if alarm.state is AlarmState.CLEARED else "acknowledged"
+                updated = await conn.fetchrow(
+                    "UPDATE alarms SET state = $4, acknowledged_at = now(),"
+                    " acknowledged_by = $2, ack_comment = $3, next_notify_at = NULL,"
+                    " updated_at = now() WHERE id = $1 RETURNING *",
+                    alarm_id,
+                    actor.label,
+                    comment,
+                    state,
+                )
+            if updated is None:
+                raise RuntimeError("UPDATE ... RETURNING returned no row")
+            result = _alarm(updated)
+            shipment = _shipment(
+                _row(
+                    await conn.fetchrow("SELECT * FROM shipments WHERE id = $1", result.shipment_id)
+                )
+            )
+            await self._record_change(
+                conn, result, shipment, await self._recipients(conn), actor.label, comment
+            )
+            await _audit(
+                conn,
+                actor.label,
+                "alarm.closed" if close else "alarm.acknowledged",
+                "alarm",
+                str(alarm_id),
+                {"comment": comment, "rule": result.rule, "shipment_id": result.shipment_id},
+            )
+        return result
+
+    async def remind_due(self, now: datetime) -> list[Alarm]:
+        """Repeat and escalate alarms nobody has acknowledged in time: one tier further each
+        time; the change goes to the alert topic and to every tier up to the new level."""
+        out: list[Alarm] = []
+        async with self._connection() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT * FROM alarms WHERE next_notify_at <= $1 AND acknowledged_at IS NULL"
+                " AND state IN ('open', 'cleared') ORDER BY next_notify_at LIMIT 200"
+                " FOR UPDATE SKIP LOCKED",
+                now,
+            )
+            if not rows:
+                return out
+            recipients = await self._recipients(conn)
+            for row in rows:
+                alarm = _alarm(row)
+                remind = REMIND_AFTER[alarm.severity]
+                updated = await conn.fetchrow(
+                    "UPDATE alarms SET escalation_level = escalation_level + 1,"
+                    " next_notify_at = $2, updated_at = now() WHERE id = $1 RETURNING *",
+                    alarm.id,
+                    None if remind is None else now + remind,
+                )
+                if updated is None:
+                    continue
+                escalated = _alarm(updated)
+                shipment = _shipment(
+                    _row(
+                        await conn.fetchrow(
+                            "SELECT * FROM shipments WHERE id = $1", escalated.shipment_id
+                        )
+                    )
+                )
+                await self._record_change(
+                    conn,
+                    escalated,
+                    shipment,
+                    recipients,
+                    None,
+                    f"not acknowledged: reminder {escalated.escalation_level}, escalated to "
+                    f"tier {escalated.escalation_level}",
+                )
+                out.append(escalated)
+        return out
+
+    async def alarms(
+        self,
+        *,
+        state: AlarmState | None = None,
+        shipment_id: str | None = None,
+        severity: Severity | None = None,
+        limit: int = 100,
+        before: int | None = None,
+    ) -> list[Alarm]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM alarms WHERE ($1::text IS NULL OR state = $1)"
+                " AND ($2::text IS NULL OR shipment_id = $2)"
+                " AND ($3::text IS NULL OR severity = $3) AND ($4::bigint IS NULL OR id < $4)"
+                " ORDER BY id DESC LIMIT $5",
+                None if state is None else str(state),
+                shipment_id,
+                None if severity is None else str(severity),
+                before,
+                limit,
+            )
+        return [_alarm(r) for r in rows]
+
+    async def alarm(self, alarm_id: int) -> tuple[Alarm, list[AlarmChange]]:
+        async with self._connection() as conn:
+            row = await conn.fetchrow("SELECT * FROM alarms WHERE id = $1", alarm_id)
+            if row is None:
+                raise NotFound(f"no alarm {alarm_id}")
+            changes = await conn.fetch(
+                "SELECT * FROM alarm_changes WHERE alarm_id = $1 ORDER BY id", alarm_id
+            )
+        return _alarm(row), [
+            AlarmChange(
+                c["id"],
+                c["alarm_id"],
+                AlarmState(c["state"]),
+                Severity(c["severity"]),
+                c["at"],
+                c["actor"],
+                c["comment"],
+                c["escalation_level"],
+            )
+            for c in changes
+        ]
+
+    async def open_alarms(self, shipment_id: str) -> list[Alarm]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM alarms WHERE shipment_id = $1"
+                " AND state IN ('open', 'acknowledged', 'cleared') ORDER BY id",
+                shipment_id,
+            )
+        return [_alarm(r) for r in rows]
+
+    # Recipients ------------------------------------------------------------------------------
+
+    async def recipients(self) -> list[Recipient]:
+        async with self._connection() as conn:
+            return [_recipient(r) for r in await conn.fetch("SELECT * FROM recipients ORDER BY id")]
+
+    async def add_recipient(self, r: Recipient, actor: str) -> Recipient:
+        async with self._connection() as conn, conn.transaction():
+            try:
+                row = await conn.fetchrow(
+                    "INSERT INTO recipients (name, channel, address, secret, min_severity,"
+                    " site_id, shipment_id, tier, quiet_from, quiet_until, tz, active)"
+                    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) RETURNING *",
+                    r.name,
+                    str(r.channel),
+                    r.address,
+                    r.secret,
+                    str(r.min_severity),
+                    r.site_id,
+                    r.shipment_id,
+                    r.tier,
+                    r.quiet_from,
+                    r.quiet_until,
+                    r.tz,
+                    r.active,
+                )
+            except asyncpg.ForeignKeyViolationError as exc:
+                raise BadRequest("unknown site_id or shipment_id") from exc
+            if row is None:
+                raise RuntimeError("INSERT ... RETURNING returned no row")
+            added = _recipient(row)
+            await _audit(
+                conn,
+                actor,
+                "recipient.added",
+                "recipient",
+                str(added.id),
+                {
+                    "name": r.name,
+                    "channel": str(r.channel),
+                    "tier": r.tier,
+                    "min_severity": str(r.min_severity),
+                },
+            )
+        return added
+
+    async def remove_recipient(self, recipient_id: int, actor: str) -> None:
+        async with self._connection() as conn, conn.transaction():
+            status = await conn.execute(
+                "UPDATE recipients SET active = false WHERE id = $1 AND active", recipient_id
+            )
+            if status.endswith(" 0"):
+                raise NotFound(f"no active recipient {recipient_id}")
+            await _audit(conn, actor, "recipient.removed", "recipient", str(recipient_id))
+
+    # Outbox ----------------------------------------------------------------------------------
+
+    async def due_notifications(self, now: datetime, limit: int = 100) -> list[Notification]:
+        """Pending notifications whose time has come, claimed for a minute so that another
+        instance does not send them at the same time."""
+        async with self._connection() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "UPDATE notifications SET next_attempt_at = $1 + interval '60 seconds'"
+                " WHERE id IN (SELECT id FROM notifications WHERE status = 'pending'"
+                " AND next_attempt_at <= $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)"
+                " RETURNING *",
+                now,
+                limit,
+            )
+            ids = {r["recipient_id"] for r in rows if r["recipient_id"] is not None}
+            recipients = {}
+            if ids:
+                recipients = {
+                    r["id"]: _recipient(r)
+                    for r in await conn.fetch(
+                        "SELECT * FROM recipients WHERE id = ANY($1)", list(ids)
+                    )
+                }
+        return sorted(
+            (
+                Notification(
+                    r["id"],
+                    r["alarm_id"],
+                    Channel(r["channel"]),
+                    recipients.get(r["recipient_id"]),
+                    r["body"],
+                    r["attempts"],
+                    r["created_at"],
+                )
+                for r in rows
+            ),
+            key=lambda n: n.id,
+        )
+
+    async def delivered(self, notification_id: int, detail: str | None, duration_ms: float) -> None:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE notifications SET status = 'sent', sent_at = now(),"
+                " attempts = attempts + 1, last_error = NULL WHERE id = $1",
+                notification_id,
+            )
+            await conn.execute(
+                "INSERT INTO delivery_attempts (notification_id, ok, detail, duration_ms)"
+                " VALUES ($1, true, $2, $3)",
+                notification_id,
+                detail,
+                duration_ms,
+            )
+
+    async def delivery_failed(
+        self, notification_id: int, error: str, duration_ms: float, retry_at: datetime | None
+    ) -> None:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE notifications SET attempts = attempts + 1, last_error = $2,"
+                " status = CASE WHEN $3::timestamptz IS NULL THEN 'failed' ELSE status END,"
+                " next_attempt_at = coalesce($3, next_attempt_at) WHERE id = $1",
+                notification_id,
+                error[:1000],
+                retry_at,
+            )
+            await conn.execute(
+                "INSERT INTO delivery_attempts (notification_id, ok, detail, duration_ms)"
+                " VALUES ($1, false, $2, $3)",
+                notification_id,
+                error[:1000],
+                duration_ms,
+            )
+
+    async def delivery_log(self, alarm_id: int) -> list[tuple[Notification, list[AttemptInfo]]]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM notifications WHERE alarm_id = $1 ORDER BY id", alarm_id
+            )
+            attempts = await conn.fetch(
+                "SELECT a.* FROM delivery_attempts a JOIN notifications n"
+                " ON n.id = a.notification_id WHERE n.alarm_id = $1 ORDER BY a.id",
+                alarm_id,
+            )
+            recipients = {r.id: r for r in await self.recipients()}
+        by_notification: dict[int, list[AttemptInfo]] = {}
+        for a in attempts:
+            by_notification.setdefault(a["notification_id"], []).append(
+                AttemptInfo(a["at"], a["ok"], a["detail"], a["duration_ms"])
+            )
+        return [
+            (
+                Notification(
+                    r["id"],
+                    r["alarm_id"],
+                    Channel(r["channel"]),
+                    recipients.get(r["recipient_id"]),
+                    r["body"],
+                    r["attempts"],
+                    r["created_at"],
+                ),
+                by_notification.get(r["id"], []),
+            )
+            for r in rows
+        ]
+
+    # Rule state ------------------------------------------------------------------------------
+
+    async def rule_states(self, shipment_ids: Sequence[str]) -> dict[str, tuple[bytes, datetime]]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT shipment_id, state, fed_through FROM rule_state"
+                " WHERE shipment_id = ANY($1)",
+                list(shipment_ids),
+            )
+        return {
+            r["shipment_id"]: (_json_encoder.encode(r["state"]), r["fed_through"]) for r in rows
+        }
+
+    async def save_rule_states(self, states: Sequence[tuple[str, bytes, datetime]]) -> None:
+        async with self._connection() as conn, conn.transaction():
+            await conn.executemany(
+                "INSERT INTO rule_state (shipment_id, state, fed_through) VALUES ($1, $2, $3)"
+                " ON CONFLICT (shipment_id) DO UPDATE SET state = EXCLUDED.state,"
+                " fed_through = EXCLUDED.fed_through, saved_at = now()",
+                [(sid, msgspec.json.decode(state), fed) for sid, state, fed in states],
+            )
+
+    async def active_shipments(self, dewar_ids: Sequence[str] | None = None) -> list[Shipment]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM shipments WHERE status NOT IN ('delivered', 'cancelled')"
+                " AND ($1::text[] IS NULL OR dewar_id = ANY($1))",
+                None if dewar_ids is None else list(dewar_ids),
+            )
+        return [_shipment(r) for r in rows]
+
+    async def readings_since(
+        self,
+        shipment: Shipment,
+        received_after: datetime | None,
+        ts_from: datetime | None = None,
+        limit: int = 100_000,
+    ) -> list[IncomingReading]:
+        """A shipment's readings received after a moment (or from a device time), in device
+        order: what the rule engine has not seen, or must see again."""
+        lower = shipment.starts_at if ts_from is None else max(ts_from, shipment.starts_at)
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM readings WHERE dewar_id = $1 AND ts >= $2"
+                " AND ($3::timestamptz IS NULL OR ts < $3)"
+                " AND ($4::timestamptz IS NULL OR received_at > $4)"
+                " ORDER BY ts, seq LIMIT $5",
+                shipment.dewar_id,
+                lower,
+                shipment.ends_at,
+                received_after,
+                limit,
+            )
+        return [_incoming(r) for r in rows]
+
+    async def last_received(self) -> dict[str, datetime]:
+        """When the newest reading of each active shipment's dewar arrived."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT s.id, (SELECT max(r.received_at) FROM readings r"
+                " WHERE r.dewar_id = s.dewar_id AND r.ts >= s.starts_at) AS last"
+                " FROM shipments s WHERE s.status NOT IN ('delivered', 'cancelled')"
+            )
+        return {r["id"]: r["last"] for r in rows if r["last"] is not None}

@@ -16,8 +16,10 @@ from aiohttp import web
 from paho.mqtt.enums import CallbackAPIVersion
 
 from coldchain.app import create_app
+from coldchain.auth import Role, new_token, token_hash
 from coldchain.embedded import free_port
 from coldchain.settings import MqttAddress, Settings
+from coldchain.store import Store
 
 T = TypeVar("T")
 
@@ -99,3 +101,15 @@ async def running_service(settings: Settings) -> AsyncIterator[str]:
         yield base
     finally:
         await runner.cleanup()
+
+
+async def make_token(database_url: str, role: Role = Role.VIEWER) -> str:
+    """A fresh API token of `role` in the database at `database_url` (migrated first)."""
+    store = await Store.open(database_url, max_size=1)
+    try:
+        await store.migrate()
+        token = new_token()
+        await store.create_token(f"test {role}", role, token_hash(token), None, "tests")
+        return token
+    finally:
+        await store.close()

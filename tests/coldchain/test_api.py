@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -110,11 +111,9 @@ def new_shipment(dewar: str = "DW-T1", **extra: Any) -> dict[str, object]:
 
 
 def _concrete(path: str) -> str:
-    return (
-        path.replace("{shipment_id}", "SH-NONE")
-        .replace("{name}", "cryo-vapor")
-        .replace("{token_id}", "999999")
-    )
+    """The path with a value for each parameter (ids that do not exist)."""
+    names = {"shipment_id": "SH-NONE", "name": "cryo-vapor"}
+    return re.sub(r"\{(\w+)\}", lambda m: names.get(m[1], "999999"), path)
 
 
 @pytest.mark.parametrize("op", OPERATIONS, ids=[f"{o.method} {o.path}" for o in OPERATIONS])

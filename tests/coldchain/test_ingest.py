@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from sensors import Reading, encode_batch, encode_reading, status_topic, telemetry_topic
-from tests.support import eventually, publish_all, running_service, service_settings
+from tests.support import eventually, make_token, publish_all, running_service, service_settings
 
 pytestmark = [pytest.mark.postgres, pytest.mark.mqtt]
 
@@ -111,8 +111,9 @@ async def test_bad_messages_are_dead_lettered_and_their_neighbours_stored(
             lambda: metric(base, "coldchain_ingest_dead_letters_total"), lambda v: v >= 5
         )
         assert await metric(base, "coldchain_ingest_readings_stored_total") >= 3
+        token = await make_token(database_url)
         async with (
-            aiohttp.ClientSession() as session,
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session,
             session.get(f"{base}/api/v1/dead-letters") as response,
         ):
             assert response.status == 200

@@ -55,15 +55,20 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
             # fits the schema may still rightly get a 400.
             "--exclude-checks",
             "positive_data_acceptance",
-            # Revoking the fuzzer's own token would end the run early.
+            # Revoking the fuzzer's own token would end the run early; the live stream is a
+            # WebSocket, which schemathesis does not speak.
             "--exclude-operation-id",
             "revoke_token",
+            "--exclude-operation-id",
+            "live",
             "--phases",
             "examples,coverage,fuzzing",
             "--max-examples",
             "25",
+            # One worker: with two, hypothesis hit a CPython 3.11 thread-safety error in its
+            # own use of ast (in the test tool, not in the service).
             "--workers",
-            "2",
+            "1",
             "--seed",
             "20261125",
             stdout=asyncio.subprocess.PIPE,

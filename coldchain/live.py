@@ -1,0 +1,105 @@
+"""The live stream (`GET /api/v1/live`, a WebSocket): readings and alarm changes as they happen.
+
+Each event is encoded once and queued to every client. A client's queue is bounded; a client
+that falls that far behind is disconnected (close code 1013, "try again later") rather than
+allowed to grow the service's memory. Clients send nothing; the stream is one-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Final
+
+import msgspec
+from aiohttp import WSCloseCode, web
+
+from coldchain.metrics import Registry
+
+logger = logging.getLogger(__name__)
+
+QUEUE_LIMIT: Final = 256
+_encoder: Final = msgspec.json.Encoder()
+
+
+class _Client:
+    __slots__ = ("queue", "slow")
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_LIMIT)
+        self.slow = False
+
+
+class LiveHub:
+    """Fans events out to connected WebSocket clients."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._clients: set[_Client] = set()
+        registry.gauge(
+            "coldchain_live_clients",
+            "WebSocket clients connected",
+            source=lambda: float(len(self._clients)),
+        )
+        self._dropped = registry.counter(
+            "coldchain_live_dropped_clients_total", "WebSocket clients dropped for falling behind"
+        )
+
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
+
+    def publish(self, kind: str, data: Any) -> None:
+        """Queue one event for every client; never blocks."""
+        if not self._clients:
+            return
+        message = _encoder.encode({"type": kind, "data": data})
+        for client in list(self._clients):
+            if client.slow:
+                continue
+            try:
+                client.queue.put_nowait(message)
+            except asyncio.QueueFull:
+                client.slow = True
+                self._dropped.inc()
+                with contextlib.suppress(asyncio.QueueFull):
+                    client.queue.get_nowait()  # make room for the goodbye
+                    client.queue.put_nowait(None)
+
+    async def serve(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=4096)
+        await ws.prepare(request)
+        client = _Client()
+        self._clients.add(client)
+        reader = asyncio.create_task(self._drain_incoming(ws))
+        try:
+            await ws.send_str('{"type":"hello","data":{}}')
+            while not ws.closed:
+                getter = asyncio.ensure_future(client.queue.get())
+                await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()  # the client went away
+                    break
+                message = getter.result()
+                if message is None:
+                    await ws.close(
+                        code=WSCloseCode.TRY_AGAIN_LATER, message=b"too slow: reconnect and reload"
+                    )
+                    break
+                await ws.send_str(message.decode())
+        except ConnectionResetError:
+            pass
+        finally:
+            self._clients.discard(client)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            if not ws.closed:
+                await ws.close()
+        return ws
+
+    @staticmethod
+    async def _drain_incoming(ws: web.WebSocketResponse) -> None:
+        # Clients send nothing meaningful; reading keeps pings answered and notices a close.
+        async for _ in ws:
+            pass

@@ -1,0 +1,297 @@
+"""The watch: runs the excursion rules over every committed reading and turns their transitions
+into alarms, notifications and live events.
+
+After each ingest commit the writer hands the batch's readings to `Watch.committed` (a bounded
+queue: if evaluation falls behind, ingest waits for it). The watch groups them by the shipment
+that owns each dewar at that device time, feeds them to `coldchain.excursions.feed` (or `replay`
+for a late backlog, reading the stored history back), and applies the transitions in one
+transaction with their outbox rows; the dispatcher is woken at once.
+
+Durability: rule state is saved every `SAVE_EVERY_S` with `fed_through`, the arrival time of the
+newest reading fed. On start the watch reloads each active shipment's state and feeds what
+arrived after `fed_through`, so a restart resets no delay; anything re-derived has the same
+episode key and changes nothing. Evaluation assumes one instance evaluates a given dewar (one
+instance, or instances that each own their dewars); with an MQTT shared subscription spreading
+one dewar's messages over instances, alarms would be evaluated twice.
+
+Signal lost is checked every `SILENCE_EVERY_S` against the arrival time of each shipment's last
+reading (its pack-out, until a first reading arrives). Unacknowledged alarms are repeated and
+escalated by `Store.remind_due` on the same beat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Final
+
+from coldchain.alarms import Alarm, AlarmState, alert_body
+from coldchain.errors import StoreUnavailable
+from coldchain.excursions import (
+    AlarmTransition,
+    RuleState,
+    decode_state,
+    encode_state,
+    feed,
+    replay,
+    silence,
+)
+from coldchain.metrics import Registry
+from coldchain.profiles import Profile
+from coldchain.shipments import Shipment
+from coldchain.store import IncomingReading, Store, Transition
+
+logger = logging.getLogger(__name__)
+
+SAVE_EVERY_S: Final = 5.0
+SILENCE_EVERY_S: Final = 15.0
+SHIPMENTS_EVERY_S: Final = 2.0
+QUEUE_BATCHES: Final = 64
+_LATENCY: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class _Tracked:
+    __slots__ = ("dirty", "fed_through", "last_received", "shipment", "signal_lost_since", "state")
+
+    def __init__(self, shipment: Shipment, state: RuleState, fed_through: datetime | None) -> None:
+        self.shipment = shipment
+        self.state = state
+        self.fed_through = fed_through
+        self.last_received = fed_through or shipment.starts_at
+        self.signal_lost_since: datetime | None = None
+        self.dirty = False
+
+
+def _transition(t: AlarmTransition) -> Transition:
+    return Transition(
+        t.episode_key,
+        t.rule,
+        t.severity,
+        str(t.kind),
+        t.started_at,
+        t.at,
+        t.value,
+        t.limit,
+        t.message,
+    )
+
+
+class Watch:
+    def __init__(
+        self, store: Store, registry: Registry, *, on_change: Callable[[list[Alarm]], None]
+    ) -> None:
+        self._store = store
+        self._on_change = on_change
+        self._queue: asyncio.Queue[list[IncomingReading]] = asyncio.Queue(QUEUE_BATCHES)
+        self._tracked: dict[str, _Tracked] = {}  # by shipment id
+        self._by_dewar: dict[str, list[Shipment]] = {}
+        self._profiles: dict[str, Profile] = {}
+        self._refreshed = 0.0
+        self.ready = asyncio.Event()
+        self._eval_seconds = registry.histogram(
+            "coldchain_rules_batch_seconds", "Time to evaluate one committed batch", _LATENCY
+        )
+        self._alarm_changes = registry.counter(
+            "coldchain_alarm_changes_total", "Alarm changes made by the rules and reminders"
+        )
+
+    async def committed(self, readings: list[IncomingReading]) -> None:
+        """Called by the ingest after each commit."""
+        if readings:
+            await self._queue.put(readings)
+
+    # Start-up ------------------------------------------------------------------------------
+
+    async def _refresh(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._refreshed < SHIPMENTS_EVERY_S:
+            return
+        self._refreshed = time.monotonic()
+        shipments = await self._store.active_shipments()
+        self._profiles = {p.profile.name: p.profile for p in await self._store.profiles()}
+        by_dewar: dict[str, list[Shipment]] = defaultdict(list)
+        for s in shipments:
+            by_dewar[s.dewar_id].append(s)
+        self._by_dewar = dict(by_dewar)
+        new = [s for s in shipments if s.id not in self._tracked]
+        states = await self._store.rule_states([s.id for s in new]) if new else {}
+        for s in new:
+            saved = states.get(s.id)
+            tracked = _Tracked(
+                s, decode_state(saved[0]) if saved else RuleState(), saved[1] if saved else None
+            )
+            self._tracked[s.id] = tracked
+            await self._catch_up(tracked)
+        for s in shipments:
+            self._tracked[s.id].shipment = s  # status, deliver_by and window may change
+        active = {s.id for s in shipments}
+        for gone in [sid for sid in self._tracked if sid not in active]:
+            await self._save([self._tracked.pop(gone)])
+
+    async def _catch_up(self, tracked: _Tracked) -> None:
+        """Feed what arrived since the state was saved (all of it for a new shipment)."""
+        readings = await self._store.readings_since(tracked.shipment, tracked.fed_through)
+        if readings:
+            await self._evaluate(tracked, readings)
+        open_lost = [
+            a
+            for a in await self._store.open_alarms(tracked.shipment.id)
+            if a.rule == "signal_lost" and a.condition_active
+        ]
+        if open_lost:
+            tracked.signal_lost_since = open_lost[0].started_at
+
+    # The loops -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._refresh(force=True)
+                break
+            except StoreUnavailable as exc:
+                logger.warning("rules cannot start yet: %s", exc)
+                await asyncio.sleep(1.0)
+        self.ready.set()
+        await asyncio.gather(self._consume(), self._beat())
+
+    async def _consume(self) -> None:
+        while True:
+            batch = await self._queue.get()
+            started = time.perf_counter()
+            while True:
+                try:
+                    await self._handle(batch)
+                    break
+                except StoreUnavailable as exc:
+                    logger.warning("rules waiting for PostgreSQL: %s", exc)
+                    await asyncio.sleep(1.0)
+                except Exception:
+                    # A bug must not stop alarms for every other shipment. The readings are
+                    # stored; the next restart's catch-up evaluates them again.
+                    logger.exception("rules failed on a batch of %d readings", len(batch))
+                    break
+            self._eval_seconds.observe(time.perf_counter() - started)
+
+    async def _beat(self) -> None:
+        last_save = last_silence = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            try:
+                if now - last_save >= SAVE_EVERY_S:
+                    await self._save([t for t in self._tracked.values() if t.dirty])
+                    last_save = now
+                if now - last_silence >= SILENCE_EVERY_S:
+                    await self._refresh()
+                    await self._check_silence(datetime.now(UTC))
+                    reminded = await self._store.remind_due(datetime.now(UTC))
+                    self._changed(reminded)
+                    last_silence = now
+            except StoreUnavailable as exc:
+                logger.warning("rules beat skipped: %s", exc)
+
+    async def flush(self) -> None:
+        """Save every changed rule state now (on shutdown)."""
+        with contextlib.suppress(StoreUnavailable):
+            await self._save([t for t in self._tracked.values() if t.dirty])
+
+    # Work ----------------------------------------------------------------------------------
+
+    async def _handle(self, readings: list[IncomingReading]) -> None:
+        by_dewar: dict[str, list[IncomingReading]] = defaultdict(list)
+        for item in readings:
+            by_dewar[item.dewar_id].append(item)
+        if any(d not in self._by_dewar for d in by_dewar):
+            await self._refresh()
+        for dewar, items in by_dewar.items():
+            for shipment in self._by_dewar.get(dewar, ()):
+                mine = [
+                    i
+                    for i in items
+                    if i.reading.ts >= shipment.starts_at
+                    and (shipment.ends_at is None or i.reading.ts < shipment.ends_at)
+                ]
+                tracked = self._tracked.get(shipment.id)
+                if mine and tracked is not None:
+                    tracked.last_received = max(
+                        tracked.last_received, max(i.received_at for i in mine)
+                    )
+                    await self._evaluate(tracked, mine)
+                    if tracked.signal_lost_since is not None:
+                        await self._silence_one(tracked, datetime.now(UTC))
+
+    async def _evaluate(self, tracked: _Tracked, items: Sequence[IncomingReading]) -> None:
+        shipment = tracked.shipment
+        profile = self._profiles.get(shipment.profile)
+        if profile is None:
+            logger.error(
+                "shipment %s has unknown profile %s; not evaluated", shipment.id, shipment.profile
+            )
+            return
+        outcome = feed(
+            profile, tracked.state, [i.reading for i in items], deliver_by=shipment.deliver_by
+        )
+        transitions = outcome.transitions
+        if outcome.replay is not None:
+            history = await self._store.readings_since(
+                shipment, None, ts_from=outcome.replay.from_ts
+            )
+            transitions = replay(
+                profile,
+                tracked.state,
+                outcome.replay,
+                [i.reading for i in history],
+                deliver_by=shipment.deliver_by,
+            )
+        newest = max(i.received_at for i in items)
+        tracked.fed_through = max(tracked.fed_through or newest, newest)
+        tracked.dirty = True
+        if transitions:
+            changed = await self._store.apply_transitions(
+                shipment, [_transition(t) for t in transitions]
+            )
+            self._changed(changed)
+
+    async def _check_silence(self, now: datetime) -> None:
+        for tracked in list(self._tracked.values()):
+            await self._silence_one(tracked, now)
+
+    async def _silence_one(self, tracked: _Tracked, now: datetime) -> None:
+        profile = self._profiles.get(tracked.shipment.profile)
+        if profile is None:
+            return
+        t = silence(profile, tracked.last_received, now, tracked.signal_lost_since)
+        if t is None:
+            return
+        tracked.signal_lost_since = t.started_at if str(t.kind) == "raised" else None
+        changed = await self._store.apply_transitions(tracked.shipment, [_transition(t)])
+        self._changed(changed)
+
+    def _changed(self, alarms: list[Alarm]) -> None:
+        if alarms:
+            self._alarm_changes.inc(len(alarms))
+            self._on_change(alarms)
+
+    async def _save(self, tracked: Sequence[_Tracked]) -> None:
+        rows = [
+            (t.shipment.id, encode_state(t.state), t.fed_through)
+            for t in tracked
+            if t.fed_through is not None
+        ]
+        if rows:
+            await self._store.save_rule_states(rows)
+        for t in tracked:
+            t.dirty = False
+
+
+def live_alarm(alarm: Alarm) -> dict[str, object]:
+    """An alarm change as the live stream carries it (the alert object)."""
+    return alert_body(alarm, change_id=0) | {
+        "state": alarm.state.public,
+        "acknowledged": alarm.acknowledged_at is not None,
+        "open": alarm.state not in (AlarmState.CLOSED, AlarmState.VOID),
+    }
