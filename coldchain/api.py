@@ -47,6 +47,8 @@ from coldchain.schemas import (
     RecipientIn,
     RecipientList,
     RecipientOut,
+    RoutePlanIn,
+    RoutePlanOut,
     ShipmentDetail,
     ShipmentIn,
     ShipmentOut,
@@ -69,7 +71,7 @@ from coldchain.shipments import (
 )
 from coldchain.store import IncomingReading, StoredDeadLetter
 from coldchain.watch import live_alarm
-from routing import SiteKind
+from routing import PlanRequestError, SiteKind, plan_request_from_dict, plan_result_to_dict
 
 routes = web.RouteTableDef()
 
@@ -833,3 +835,21 @@ def public(handler: Handler) -> bool:
 def permission_of(handler: Any) -> Permission | None:
     found: Permission | None = getattr(handler, PERMISSION_ATTRIBUTE, None)
     return found
+
+
+# Routes --------------------------------------------------------------------------------------
+
+
+@routes.post("/api/v1/routes/plan")
+@requires(Permission.ROUTES)
+async def plan_route(request: web.Request) -> web.Response:
+    """Plan routes: earliest arrival, or safest/cheapest, with k alternatives, inside the hold
+    time and the delivery window; or the reason none is feasible and what would be needed."""
+    body = await decode_body(request, RoutePlanIn)
+    fields = {k: v for k, v in msgspec.to_builtins(body).items() if v is not None}
+    try:
+        plan_request = plan_request_from_dict(fields)
+        result = await request.app[keys.PLANNER].plan(plan_request)
+    except PlanRequestError as exc:
+        raise BadRequest(str(exc)) from exc
+    return reply(msgspec.convert(plan_result_to_dict(result), RoutePlanOut))

@@ -20,6 +20,7 @@ from coldchain.live import LiveHub
 from coldchain.metrics import Registry
 from coldchain.middleware import authenticate, errors
 from coldchain.notify import Dispatcher
+from coldchain.planning import Planner
 from coldchain.settings import Settings
 from coldchain.store import IncomingReading, Store
 from coldchain.watch import Watch, live_alarm
@@ -40,6 +41,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(health.routes)
     app.add_routes(api.routes)
     app.add_routes(openapi.routes)
+    _serve_dashboard(app, settings)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_ingest)
     app.cleanup_ctx.append(_alerting)
@@ -71,6 +73,7 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     store = await Store.open(settings.database_url, max_size=settings.db_pool_size)
     app[keys.STORE] = store
+    app[keys.PLANNER] = Planner(store)
     yield
     await store.close()
 
@@ -196,3 +199,20 @@ async def _alerting(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         await stop(task)
     await watch.flush()
+
+
+def _serve_dashboard(app: web.Application, settings: Settings) -> None:
+    """The operator dashboard's static files (dashboards/web), public; the page signs in with a
+    token and calls the API. Absent files (an install without the dashboard) serve nothing."""
+    root = settings.dashboard_dir
+    if root is None or not (root / "index.html").is_file():
+        return
+
+    async def index(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(
+            root / "index.html",
+            headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+        )
+
+    app.router.add_get("/", index)
+    app.router.add_static("/ui/", root, show_index=False, follow_symlinks=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -170,6 +171,54 @@ def _network_import(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _instant_arg(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from exc
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"needs an offset (Z or +hh:mm): {text!r}")
+    return value
+
+
+def _route(args: argparse.Namespace, settings: Settings) -> int:
+    from coldchain.planning import Planner
+    from routing import (
+        Objective,
+        PlanRequest,
+        PlanRequestError,
+        RouteIndex,
+        example_network,
+        plan,
+        plan_result_to_dict,
+        plan_result_to_text,
+    )
+
+    try:
+        request = PlanRequest(
+            origin=args.origin,
+            destination=args.destination,
+            depart_at=args.depart,
+            hold_hours=args.hold_hours,
+            deliver_by=args.deliver_by,
+            objective=Objective(args.objective),
+            alternatives=args.alternatives,
+            max_handoffs=args.max_handoffs,
+        )
+        if args.example:
+            network = example_network(start=(args.depart - timedelta(days=1)).date(), days=8)
+            result = plan(RouteIndex(network), request)
+        else:
+            result = _store_call(settings, lambda store: Planner(store).plan(request))
+    except PlanRequestError as exc:
+        raise ConfigError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(plan_result_to_dict(result), indent=2))
+    else:
+        print(plan_result_to_text(result))
+    return 0 if result.plans else 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coldchain",
@@ -242,6 +291,39 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--sites", help="sites.csv")
     imp.add_argument("--lanes", help="lanes.csv")
     imp.add_argument("--flights", help="flights.csv")
+
+    route = command(
+        "route",
+        _route,
+        "plan routes from ORIGIN to DESTINATION (site ids) over "
+        "the imported network, inside the hold time",
+    )
+    route.add_argument("origin")
+    route.add_argument("destination")
+    route.add_argument(
+        "--depart", type=_instant_arg, required=True, help="pack-out time, RFC 3339 with offset"
+    )
+    route.add_argument(
+        "--hold-hours",
+        type=float,
+        required=True,
+        help="usable hold time of the charged dewar, hours",
+    )
+    route.add_argument("--deliver-by", type=_instant_arg, default=None)
+    route.add_argument("--objective", choices=["fastest", "safest", "cheapest"], default="fastest")
+    route.add_argument(
+        "--alternatives",
+        type=_positive_int,
+        default=1,
+        help="how many really different routes (default 1)",
+    )
+    route.add_argument("--max-handoffs", type=int, default=None)
+    route.add_argument("--json", action="store_true", help="JSON instead of a table")
+    route.add_argument(
+        "--example",
+        action="store_true",
+        help="plan over the bundled example network (no database needed)",
+    )
 
     demo = command(
         "demo",

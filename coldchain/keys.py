@@ -12,6 +12,7 @@ from coldchain.ingest import Ingest
 from coldchain.live import LiveHub
 from coldchain.metrics import Registry
 from coldchain.notify import Dispatcher
+from coldchain.planning import Planner
 from coldchain.settings import Settings
 from coldchain.store import Store
 from coldchain.watch import Watch
@@ -27,6 +28,7 @@ LIVE = web.AppKey("live", LiveHub)
 MIGRATED = web.AppKey("migrated", asyncio.Event)
 WATCH = web.AppKey("watch", Watch)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+PLANNER = web.AppKey("planner", Planner)
 
 # Per request: who is calling (set by the auth middleware on every authenticated request).
 ACTOR = web.RequestKey("actor", Actor)

@@ -276,6 +276,16 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         params=(Param("token", "query", {"type": "string"}, "token, for browsers"),),
         errors=(400, 401, 403, 429),
     ),
+    Operation(
+        "post",
+        "/api/v1/routes/plan",
+        api.plan_route,
+        "Plan routes inside the hold time and delivery window",
+        schemas.RoutePlanOut,
+        200,
+        schemas.RoutePlanIn,
+        errors=(400, 401, 403, 415, 429),
+    ),
     Operation("get", "/api/v1/tokens", api.list_tokens, "API tokens (admins)", schemas.TokenList),
     Operation(
         "post",

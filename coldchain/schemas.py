@@ -332,3 +332,62 @@ class RecipientOut(msgspec.Struct, frozen=True):
 
 class RecipientList(msgspec.Struct, frozen=True):
     items: list[RecipientOut]
+
+
+class RoutePlanIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    origin: Id
+    destination: Id
+    depart_at: Instant
+    hold_hours: Annotated[float, Meta(ge=0, le=24 * 60)]
+    deliver_by: Instant | None = None
+    objective: Annotated[str, Meta(pattern="^(fastest|safest|cheapest)$")] = "fastest"
+    alternatives: Annotated[int, Meta(ge=1, le=10)] = 1
+    max_handoffs: Annotated[int, Meta(ge=0, le=50)] | None = None
+    recharge_minutes: Annotated[int, Meta(ge=1, le=24 * 60)] | None = None
+    recharge_hold_hours: Annotated[float, Meta(ge=0, le=24 * 60)] | None = None
+
+
+class RouteLegOut(msgspec.Struct, frozen=True, rename={"from_": "from"}):
+    mode: str
+    from_: str
+    to: str
+    carrier: str | None
+    flight: str | None
+    departs_at: str
+    departs_local: str
+    arrives_at: str
+    arrives_local: str
+    ready_at: str
+    ready_local: str
+    customs_minutes: int
+    recharged: bool
+    cost: float
+    risk: float
+
+
+class RouteOut(msgspec.Struct, frozen=True):
+    depart_at: str
+    arrival: str
+    arrival_local: str | None
+    duration_hours: float
+    hold_margin_hours: float
+    handoffs: int
+    recharges: int
+    cost: float
+    risk: float
+    legs: list[RouteLegOut]
+
+
+class InfeasibleOut(msgspec.Struct, frozen=True):
+    constraint: str
+    message: str
+    needed_hold_hours: float | None
+    earliest_delivery: str | None
+    needed_handoffs: int | None
+
+
+class RoutePlanOut(msgspec.Struct, frozen=True):
+    request: dict[str, Any]
+    feasible: bool
+    routes: list[RouteOut]
+    infeasible: InfeasibleOut | None

@@ -7,6 +7,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from coldchain.errors import ConfigError
@@ -52,6 +53,11 @@ def mask_url(url: str) -> str:
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
+def _default_dashboard_dir() -> Path | None:
+    candidate = Path(__file__).resolve().parent.parent / "dashboards" / "web"
+    return candidate if candidate.is_dir() else None
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the service needs to know, fixed for the life of the process.
@@ -76,6 +82,8 @@ class Settings:
     flush_interval_s: float = 0.05
     db_pool_size: int = 4
     backoff_cap_s: float = 5.0
+    # The web dashboard's files; by default those beside the source (dashboards/web).
+    dashboard_dir: Path | None = field(default_factory=lambda: _default_dashboard_dir())
 
     def __repr__(self) -> str:
         return (
@@ -152,4 +160,7 @@ class Settings:
             batch_size=int(number("BATCH_SIZE", defaults.batch_size, int)),
             flush_interval_s=number("FLUSH_INTERVAL_S", defaults.flush_interval_s, float),
             db_pool_size=int(number("DB_POOL_SIZE", defaults.db_pool_size, int)),
+            dashboard_dir=Path(env["COLDCHAIN_DASHBOARD_DIR"])
+            if env.get("COLDCHAIN_DASHBOARD_DIR")
+            else defaults.dashboard_dir,
         )

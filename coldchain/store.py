@@ -713,6 +713,13 @@ class ShipmentStore(TelemetryStore):
                 )
         return ImportReport(added, updated, unchanged)
 
+    async def network_version(self) -> int:
+        async with self._connection() as conn:
+            version: int = await conn.fetchval(
+                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM network_version"
+            )
+        return version
+
     async def network(self) -> tuple[int, list[Site], list[Lane], list[Flight]]:
         """The whole route network with its version (which changes on every import)."""
         async with self._connection() as conn, conn.transaction(isolation="repeatable_read"):
