@@ -176,7 +176,9 @@ async def _alerting(app: web.Application) -> AsyncIterator[None]:
         for alarm in alarms:
             live.publish("alarm", live_alarm(alarm))
 
-    watch = Watch(store, app[keys.METRICS], on_change=changed)
+    settings = app[keys.SETTINGS]
+    store.remind_scale = settings.remind_scale
+    watch = Watch(store, app[keys.METRICS], on_change=changed, beat_s=settings.rules_beat_s)
     migrated = app[keys.MIGRATED]
 
     async def after_migrations(work: Callable[[], Coroutine[Any, Any, None]]) -> None:

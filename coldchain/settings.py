@@ -82,6 +82,10 @@ class Settings:
     flush_interval_s: float = 0.05
     db_pool_size: int = 4
     backoff_cap_s: float = 5.0
+    # Alarm reminders: unacknowledged alarms repeat and escalate every REMIND_AFTER[severity]
+    # times this scale; the rules' clock (signal lost, reminders) ticks every `rules_beat_s`.
+    remind_scale: float = 1.0
+    rules_beat_s: float = 15.0
     # The web dashboard's files; by default those beside the source (dashboards/web).
     dashboard_dir: Path | None = field(default_factory=lambda: _default_dashboard_dir())
 
@@ -160,6 +164,8 @@ class Settings:
             batch_size=int(number("BATCH_SIZE", defaults.batch_size, int)),
             flush_interval_s=number("FLUSH_INTERVAL_S", defaults.flush_interval_s, float),
             db_pool_size=int(number("DB_POOL_SIZE", defaults.db_pool_size, int)),
+            remind_scale=number("REMIND_SCALE", defaults.remind_scale, float),
+            rules_beat_s=number("RULES_BEAT_S", defaults.rules_beat_s, float),
             dashboard_dir=Path(env["COLDCHAIN_DASHBOARD_DIR"])
             if env.get("COLDCHAIN_DASHBOARD_DIR")
             else defaults.dashboard_dir,

@@ -188,6 +188,8 @@ class TelemetryStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        # Unacknowledged alarms are reminded every REMIND_AFTER[severity] times this.
+        self.remind_scale = 1.0
 
     @classmethod
     async def open(cls, url: str, *, max_size: int = 4, connect_timeout: float = 5.0) -> Self:
@@ -1246,7 +1248,7 @@ class Store(ShipmentStore):
                     t.value,
                     t.limit,
                     t.message,
-                    None if remind is None else now + remind,
+                    None if remind is None else now + remind * self.remind_scale,
                 )
                 return None if row is None else _alarm(row)
             if current["state"] == "void":
@@ -1440,7 +1442,7 @@ class Store(ShipmentStore):
                     "UPDATE alarms SET escalation_level = escalation_level + 1,"
                     " next_notify_at = $2, updated_at = now() WHERE id = $1 RETURNING *",
                     alarm.id,
-                    None if remind is None else now + remind,
+                    None if remind is None else now + remind * self.remind_scale,
                 )
                 if updated is None:
                     continue

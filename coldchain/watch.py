@@ -14,9 +14,9 @@ episode key and changes nothing. Evaluation assumes one instance evaluates a giv
 instance, or instances that each own their dewars); with an MQTT shared subscription spreading
 one dewar's messages over instances, alarms would be evaluated twice.
 
-Signal lost is checked every `SILENCE_EVERY_S` against the arrival time of each shipment's last
-reading (its pack-out, until a first reading arrives). Unacknowledged alarms are repeated and
-escalated by `Store.remind_due` on the same beat.
+Signal lost is checked every `beat_s` (`SILENCE_EVERY_S` by default) against the arrival time
+of each shipment's last reading (its pack-out, until a first reading arrives). Unacknowledged
+alarms are repeated and escalated by `Store.remind_due` on the same beat.
 """
 
 from __future__ import annotations
@@ -83,8 +83,14 @@ def _transition(t: AlarmTransition) -> Transition:
 
 class Watch:
     def __init__(
-        self, store: Store, registry: Registry, *, on_change: Callable[[list[Alarm]], None]
+        self,
+        store: Store,
+        registry: Registry,
+        *,
+        on_change: Callable[[list[Alarm]], None],
+        beat_s: float = SILENCE_EVERY_S,
     ) -> None:
+        self._beat_s = beat_s
         self._store = store
         self._on_change = on_change
         self._queue: asyncio.Queue[list[IncomingReading]] = asyncio.Queue(QUEUE_BATCHES)
@@ -179,13 +185,13 @@ class Watch:
     async def _beat(self) -> None:
         last_save = last_silence = time.monotonic()
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(min(1.0, self._beat_s))
             now = time.monotonic()
             try:
                 if now - last_save >= SAVE_EVERY_S:
                     await self._save([t for t in self._tracked.values() if t.dirty])
                     last_save = now
-                if now - last_silence >= SILENCE_EVERY_S:
+                if now - last_silence >= self._beat_s:
                     await self._refresh()
                     await self._check_silence(datetime.now(UTC))
                     reminded = await self._store.remind_due(datetime.now(UTC))

@@ -1,0 +1,599 @@
+"""Alarms end to end, against the real service, PostgreSQL, an MQTT broker, a webhook receiver
+and an SMTP server that the tests run: the right alarm, to every channel, once, with a lifecycle
+people can follow; backlogs, restarts, escalation and a receiver that was down."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email import message_from_bytes
+from email.message import Message
+from typing import Any
+
+import aiohttp
+import paho.mqtt.client as paho
+import pytest
+from aiohttp import web
+from aiosmtpd.controller import Controller
+from paho.mqtt.enums import CallbackAPIVersion
+
+from coldchain.auth import Role
+from coldchain.embedded import free_port
+from coldchain.settings import MqttAddress, Settings
+from coldchain.store import Store
+from routing import example_network
+from sensors import Reading, encode_batch, encode_reading, telemetry_topic
+from tests.support import eventually, make_token, publish_all, running_service, service_settings
+
+pytestmark = [pytest.mark.postgres, pytest.mark.mqtt]
+
+SECRET = "a-webhook-secret-of-some-length"  # noqa: S105 - a test fixture's shared secret
+
+
+# Things that receive alerts --------------------------------------------------------------------
+
+
+@dataclass
+class Receiver:
+    """A webhook endpoint; `down` makes it answer 503."""
+
+    url: str = ""
+    down: bool = False
+    received: list[dict[str, Any]] = field(default_factory=list)
+    refused: int = 0
+    bad_signatures: int = 0
+    deliveries: list[str] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if self.down:
+            self.refused += 1
+            return web.Response(status=503, text="down for maintenance")
+        expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        if request.headers.get("X-Coldchain-Signature") != expected:
+            self.bad_signatures += 1
+            return web.Response(status=401)
+        self.deliveries.append(request.headers["X-Coldchain-Delivery"])
+        self.received.append(json.loads(body))
+        return web.Response(status=204)
+
+
+class Mailbox:
+    """An SMTP server (aiosmtpd) that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.port = free_port()
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
+        self.messages.append(message_from_bytes(envelope.content))
+        return "250 OK"
+
+
+class AlertListener:
+    """Collects what the service publishes on coldchain/v1/alerts/#."""
+
+    def __init__(self, mqtt_url: str, client_id: str) -> None:
+        self.alerts: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        address = MqttAddress.parse(mqtt_url)
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.client.on_message = self._message
+        self.client.connect(address.host, address.port)
+        self.client.subscribe("coldchain/v1/alerts/#", qos=1)
+        self.client.loop_start()
+
+    def _message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            self.alerts.append(json.loads(msg.payload))
+
+    def of(self, shipment_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [a for a in self.alerts if a["shipment_id"] == shipment_id]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@dataclass
+class Env:
+    base: str
+    store: Store
+    database_url: str
+    mqtt_url: str
+    receiver: Receiver
+    mailbox: Mailbox
+    alerts: AlertListener
+    tokens: dict[str, str]
+    session: aiohttp.ClientSession
+    unique: str
+
+    async def call(
+        self, method: str, path: str, body: object = None, as_: str = "admin"
+    ) -> tuple[int, Any]:
+        async with self.session.request(
+            method,
+            self.base + path,
+            json=body,
+            headers={"Authorization": f"Bearer {self.tokens[as_]}"},
+        ) as response:
+            text = await response.text()
+            return response.status, json.loads(text) if text else None
+
+    async def shipment(
+        self, dewar: str, profile: str = "cryo-vapor", packed_ago: timedelta = timedelta(minutes=12)
+    ) -> str:
+        status, created = await self.call(
+            "POST",
+            "/api/v1/shipments",
+            {
+                "dewar_id": dewar,
+                "profile": profile,
+                "origin": "MFG-MPN",
+                "destination": "TC-NKI",
+                "deliver_by": (datetime.now(UTC) + timedelta(days=4)).isoformat(),
+            },
+        )
+        assert status == 201, created
+        at = datetime.now(UTC) - packed_ago
+        for i, event in enumerate(("packed", "picked_up")):
+            status, reply = await self.call(
+                "POST",
+                f"/api/v1/shipments/{created['id']}/events",
+                {"type": event, "at": (at + timedelta(minutes=i)).isoformat()},
+            )
+            assert status == 201, reply
+        return str(created["id"])
+
+    def publish(self, dewar: str, readings: list[Reading], *, batch: bool = False) -> None:
+        topic = telemetry_topic(dewar)
+        messages = (
+            [(topic, encode_batch(readings))]
+            if batch
+            else [(topic, encode_reading(r)) for r in readings]
+        )
+        publish_all(self.mqtt_url, messages, client_id=f"dev-{self.unique}")
+
+    async def alarms(self, shipment_id: str) -> list[dict[str, Any]]:
+        status, page = await self.call("GET", f"/api/v1/alarms?shipment_id={shipment_id}")
+        assert status == 200
+        items: list[dict[str, Any]] = page["items"]
+        return items
+
+
+def readings(
+    start: datetime, temps: list[float], *, step_s: float = 30, first_seq: int = 0
+) -> list[Reading]:
+    return [
+        Reading(
+            seq=first_seq + i,
+            ts=start + timedelta(seconds=i * step_s),
+            temp_c=t,
+            ln2_level_pct=80.0,
+            tilt_deg=2.0,
+        )
+        for i, t in enumerate(temps)
+    ]
+
+
+@pytest.fixture
+def receiver() -> Receiver:
+    return Receiver()
+
+
+@pytest.fixture
+def mailbox() -> Iterator[Mailbox]:
+    box = Mailbox()
+    box.controller.start()
+    yield box
+    box.controller.stop()
+
+
+async def _start_receiver(receiver: Receiver) -> web.AppRunner:
+    app = web.Application()
+    app.router.add_post("/hook", receiver.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    receiver.url = f"http://127.0.0.1:{port}/hook"
+    return runner
+
+
+async def _prepare(database_url: str, receiver: Receiver, mailbox: Mailbox) -> Store:
+    store = await Store.open(database_url)
+    await store.migrate()
+    await store.import_sites(list(example_network().sites.values()), "test")
+    return store
+
+
+def env_settings(
+    database_url: str, mqtt_url: str, unique: str, mailbox: Mailbox, **changes: Any
+) -> Settings:
+    return service_settings(
+        database_url,
+        mqtt_url,
+        f"svc-{unique}",
+        smtp_url=f"smtp://127.0.0.1:{mailbox.port}",
+        **changes,
+    )
+
+
+@pytest.fixture
+async def env(
+    database_url: str, mqtt_url: str, unique: str, receiver: Receiver, mailbox: Mailbox
+) -> AsyncIterator[Env]:
+    runner = await _start_receiver(receiver)
+    store = await _prepare(database_url, receiver, mailbox)
+    tokens = {str(r): await make_token(database_url, r) for r in Role}
+    alerts = AlertListener(mqtt_url, f"alerts-{unique}")
+    settings = env_settings(
+        database_url, mqtt_url, unique, mailbox, remind_scale=0.004, rules_beat_s=0.5
+    )
+    try:
+        async with running_service(settings) as base, aiohttp.ClientSession() as session:
+            e = Env(
+                base,
+                store,
+                database_url,
+                mqtt_url,
+                receiver,
+                mailbox,
+                alerts,
+                tokens,
+                session,
+                unique,
+            )
+            for body in (
+                {
+                    "name": "cold-room webhook",
+                    "channel": "webhook",
+                    "address": receiver.url,
+                    "secret": SECRET,
+                    "min_severity": "warning",
+                },
+                {
+                    "name": "duty logistics",
+                    "channel": "email",
+                    "address": "duty@example.org",
+                    "min_severity": "major",
+                },
+            ):
+                assert (await e.call("POST", "/api/v1/recipients", body))[0] == 201
+            yield e
+    finally:
+        alerts.close()
+        await store.close()
+        await runner.cleanup()
+
+
+# The tests --------------------------------------------------------------------------------------
+
+
+async def test_a_breach_raises_one_alarm_on_every_channel(env: Env) -> None:
+    dewar = f"DW-A{env.unique}"
+    sid = await env.shipment(dewar)
+    now = datetime.now(UTC).replace(microsecond=0)
+    start = now - timedelta(minutes=3)
+    # Warming over two minutes, above the glass transition (-135 °C) from the fifth reading:
+    # critical once that has lasted its 60 s delay.
+    warming = [-190.0, -175.0, -160.0, -145.0, -130.0, -120.0, -118.0]
+    env.publish(dewar, readings(start, warming))
+
+    alarms = await eventually(
+        lambda: env.alarms(sid), lambda a: any(x["rule"] == "temp_glass_transition" for x in a)
+    )
+    glass = next(a for a in alarms if a["rule"] == "temp_glass_transition")
+    assert glass["severity"] == "critical" and glass["state"] == "open"
+    assert datetime.fromisoformat(glass["started_at"]) == start + timedelta(seconds=120)
+    assert glass["limit"] == -135.0 and glass["value"] >= -118.0
+    # The 5-minute "above -150 °C" delay has not passed: no major alarm yet.
+    assert not any(a["rule"] == "temp_high" for a in alarms)
+
+    def opened(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # The raising itself (reminders, every 1.2 s in this test, come as further levels).
+        return [
+            a
+            for a in items
+            if a.get("alarm_id") == glass["id"]
+            and a["state"] == "open"
+            and a["escalation_level"] == 0
+        ]
+
+    await eventually(lambda: _now(env.alerts.of(sid)), lambda a: len(opened(a)) == 1)
+    await eventually(lambda: _now(env.receiver.received), lambda r: len(opened(r)) == 1)
+    await eventually(lambda: _now(env.mailbox.messages), lambda m: len(m) >= 1)
+    mail = env.mailbox.messages[0]
+    assert "[CRITICAL]" in mail["Subject"] and sid in mail["Subject"]
+    assert mail["To"] == "duty@example.org"
+    alert = opened(env.alerts.of(sid))[0]
+    assert {
+        "alarm_id",
+        "shipment_id",
+        "dewar_id",
+        "rule",
+        "severity",
+        "state",
+        "started_at",
+        "value",
+        "limit",
+        "message",
+    } <= set(alert)
+    assert alert["dewar_id"] == dewar and "glass transition" in alert["message"]
+    assert env.receiver.bad_signatures == 0
+    # Redelivering the same readings changes nothing: still one alarm, one alert per channel.
+    env.publish(dewar, readings(start, warming))
+    await asyncio.sleep(1.5)
+    assert len([a for a in await env.alarms(sid) if a["rule"] == "temp_glass_transition"]) == 1
+    assert len(opened(env.alerts.of(sid))) == 1 and len(opened(env.receiver.received)) == 1
+    assert len(env.receiver.deliveries) == len(set(env.receiver.deliveries))
+
+
+async def _now(value: Any) -> Any:
+    return list(value)
+
+
+async def test_acknowledge_clear_and_close_are_attributed_and_audited(env: Env) -> None:
+    dewar = f"DW-L{env.unique}"
+    sid = await env.shipment(dewar)
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
+    env.publish(dewar, readings(start, [-190.0, -170.0, -150.0, -130.0, -120.0, -119.0, -119.0]))
+    alarms = await eventually(lambda: env.alarms(sid), lambda a: len(a) >= 1)
+    alarm_id = next(a["id"] for a in alarms if a["rule"] == "temp_glass_transition")
+    path = f"/api/v1/alarms/{alarm_id}"
+
+    assert (await env.call("POST", f"{path}/ack", {"comment": "on it"}, as_="viewer"))[0] == 403
+    status, reply = await env.call("POST", f"{path}/ack", {"comment": ""}, as_="operator")
+    assert status == 400
+    status, acked = await env.call(
+        "POST", f"{path}/ack", {"comment": "courier called, dewar checked"}, as_="operator"
+    )
+    assert status == 200 and acked["state"] == "acknowledged"
+    assert acked["acknowledged_by"].startswith("test operator")
+    status, reply = await env.call("POST", f"{path}/ack", {"comment": "again"}, as_="operator")
+    assert status == 409 and "already acknowledged" in reply["error"]["message"]
+    status, reply = await env.call("POST", f"{path}/close", {"comment": "done"}, as_="operator")
+    assert status == 409 and "still active" in reply["error"]["message"]
+
+    # Back below the limit by more than the deadband: the condition clears.
+    env.publish(
+        dewar, readings(start + timedelta(minutes=4), [-150.0, -185.0, -189.0], first_seq=10)
+    )
+    await eventually(
+        lambda: env.call("GET", path), lambda r: r[1]["alarm"]["condition_active"] is False
+    )
+    status, closed = await env.call(
+        "POST", f"{path}/close", {"comment": "payload checked, within spec"}, as_="operator"
+    )
+    assert status == 200 and closed["state"] == "closed"
+    _, detail = await env.call("GET", path)
+    states = [(c["state"], (c["actor"] or "rules").split(" (")[0]) for c in detail["changes"]]
+    assert states == [
+        ("open", "rules"),
+        ("acknowledged", "test operator"),
+        ("cleared", "rules"),
+        ("closed", "test operator"),
+    ]
+    _, audit = await env.call("GET", f"/api/v1/audit?entity=alarm&entity_id={alarm_id}")
+    assert [e["action"] for e in reversed(audit["items"])] == ["alarm.acknowledged", "alarm.closed"]
+    states_heard = await eventually(
+        lambda: _now([a["state"] for a in env.alerts.of(sid) if a["alarm_id"] == alarm_id]),
+        lambda s: "closed" in s,
+    )
+    assert states_heard == ["open", "acknowledged", "cleared", "closed"]
+
+
+async def test_an_excursion_inside_a_late_backlog_is_raised_and_cleared_with_true_times(
+    env: Env,
+) -> None:
+    dewar = f"DW-B{env.unique}"
+    sid = await env.shipment(dewar, packed_ago=timedelta(hours=3))
+    now = datetime.now(UTC).replace(microsecond=0)
+    # Live readings first (all cold; the last one with a knock, so that its shock alarm tells
+    # us the rules have evaluated them), then a two-hour-old backlog that hides a warm spell.
+    live = readings(now - timedelta(minutes=5), [-190.0] * 6, step_s=60, first_seq=1000)
+    live[-1] = Reading(seq=live[-1].seq, ts=live[-1].ts, temp_c=-190.0, shock_g=25.0)
+    env.publish(dewar, live)
+    await eventually(lambda: env.alarms(sid), lambda a: any(x["rule"] == "shock" for x in a))
+    backlog_start = now - timedelta(hours=2)
+    temps = [-190.0] * 10 + [-125.0] * 5 + [-190.0] * 10
+    env.publish(dewar, readings(backlog_start, temps, first_seq=100), batch=True)
+    alarms = await eventually(
+        lambda: env.alarms(sid),
+        lambda a: any(x["rule"] == "temp_glass_transition" and x["cleared_at"] for x in a),
+    )
+    glass = next(a for a in alarms if a["rule"] == "temp_glass_transition")
+    assert datetime.fromisoformat(glass["started_at"]) == backlog_start + timedelta(seconds=300)
+    assert datetime.fromisoformat(glass["cleared_at"]) == backlog_start + timedelta(seconds=450)
+    assert glass["state"] == "cleared"
+
+
+async def test_a_restart_in_the_middle_of_a_delay_does_not_reset_it(
+    database_url: str, mqtt_url: str, unique: str, receiver: Receiver, mailbox: Mailbox
+) -> None:
+    runner = await _start_receiver(receiver)
+    store = await _prepare(database_url, receiver, mailbox)
+    admin = await make_token(database_url, Role.ADMIN)
+    dewar = f"DW-R{unique}"
+    settings = env_settings(database_url, mqtt_url, unique, mailbox)
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=20)
+    try:
+        async with (
+            running_service(settings) as base,
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin}"}) as session,
+        ):
+            env = Env(
+                base,
+                store,
+                database_url,
+                mqtt_url,
+                receiver,
+                mailbox,
+                AlertListener(mqtt_url, f"a1-{unique}"),
+                {"admin": admin},
+                session,
+                unique,
+            )
+            sid = await env.shipment(dewar, packed_ago=timedelta(minutes=30))
+            # 3 minutes above -150 °C: the 5-minute delay of `temp_high` is running.
+            env.publish(dewar, readings(start, [-190.0] + [-145.0] * 7))
+            await eventually(
+                lambda: env.call("GET", f"/api/v1/shipments/{sid}"),
+                lambda r: (r[1]["last_reading"] or {}).get("seq") == 7,
+            )
+            await asyncio.sleep(0.5)
+            assert not [a for a in await env.alarms(sid) if a["rule"] == "temp_high"]
+            env.alerts.close()
+        async with (
+            running_service(settings) as base,
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin}"}) as session,
+        ):
+            env = Env(
+                base,
+                store,
+                database_url,
+                mqtt_url,
+                receiver,
+                mailbox,
+                AlertListener(mqtt_url, f"a2-{unique}"),
+                {"admin": admin},
+                session,
+                unique,
+            )
+            # Three more minutes: six in all, so the delay has passed only if it was kept.
+            env.publish(dewar, readings(start + timedelta(seconds=240), [-145.0] * 6, first_seq=8))
+            alarms = await eventually(
+                lambda: env.alarms(sid), lambda a: any(x["rule"] == "temp_high" for x in a)
+            )
+            env.alerts.close()
+    finally:
+        await store.close()
+        await runner.cleanup()
+    high = next(a for a in alarms if a["rule"] == "temp_high")
+    assert datetime.fromisoformat(high["started_at"]) == start + timedelta(seconds=30)
+    assert high["severity"] == "major"
+
+
+async def test_an_unacknowledged_alarm_repeats_and_escalates_to_the_next_tier(env: Env) -> None:
+    second = Receiver()
+    runner = await _start_receiver(second)
+    try:
+        status, _ = await env.call(
+            "POST",
+            "/api/v1/recipients",
+            {
+                "name": "night manager",
+                "channel": "webhook",
+                "address": second.url,
+                "secret": SECRET,
+                "min_severity": "critical",
+                "tier": 1,
+            },
+        )
+        assert status == 201
+        dewar = f"DW-E{env.unique}"
+        sid = await env.shipment(dewar)
+        start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+        env.publish(
+            dewar, readings(start, [-190.0, -170.0, -150.0, -130.0, -120.0, -119.0, -119.0])
+        )
+        # Reminders every 5 min x 0.004 = 1.2 s here: tier 1 hears it on the first reminder.
+        heard = await eventually(lambda: _now(second.received), lambda r: len(r) >= 1, within=30)
+        assert heard[0]["shipment_id"] == sid and heard[0]["escalation_level"] >= 1
+        first_tier = [a for a in env.receiver.received if a["shipment_id"] == sid]
+        assert len(first_tier) >= 2  # raised, then repeated
+        alarm_id = heard[0]["alarm_id"]
+        await env.call(
+            "POST", f"/api/v1/alarms/{alarm_id}/ack", {"comment": "taking it"}, as_="operator"
+        )
+        await asyncio.sleep(1.0)
+        count = len(second.received)
+        await asyncio.sleep(3.0)
+        assert len(second.received) == count + 0  # acknowledged: no more reminders
+        assert second.received[-1]["state"] == "acknowledged"
+    finally:
+        await runner.cleanup()
+
+
+async def test_quiet_hours_hold_warnings_but_never_a_critical_alarm(env: Env) -> None:
+    quiet = Receiver()
+    runner = await _start_receiver(quiet)
+    try:
+        local_now = datetime.now(UTC)
+        status, _ = await env.call(
+            "POST",
+            "/api/v1/recipients",
+            {
+                "name": "sleeping engineer",
+                "channel": "webhook",
+                "address": quiet.url,
+                "secret": SECRET,
+                "min_severity": "info",
+                "tz": "UTC",
+                "quiet_from": (local_now - timedelta(hours=1)).strftime("%H:%M:00"),
+                "quiet_until": (local_now + timedelta(hours=2)).strftime("%H:%M:00"),
+            },
+        )
+        assert status == 201
+        dewar = f"DW-Q{env.unique}"
+        sid = await env.shipment(dewar)
+        start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+        shock = [Reading(seq=1, ts=start, temp_c=-190.0, shock_g=25.0)]  # a warning
+        env.publish(dewar, shock)
+        await eventually(lambda: env.alarms(sid), lambda a: any(x["rule"] == "shock" for x in a))
+        env.publish(
+            dewar, readings(start + timedelta(seconds=10), [-120.0, -119.0, -119.0], first_seq=2)
+        )
+        await eventually(
+            lambda: _now(quiet.received), lambda r: any(a["severity"] == "critical" for a in r)
+        )
+        await asyncio.sleep(1.0)
+        assert not any(a["rule"] == "shock" for a in quiet.received)
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.fault
+async def test_a_webhook_receiver_down_for_two_minutes_gets_every_alarm_when_back(
+    env: Env,
+) -> None:
+    env.receiver.down = True
+    dewar = f"DW-D{env.unique}"
+    sid = await env.shipment(dewar)
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
+    env.publish(
+        dewar,
+        readings(
+            start, [-190.0, -170.0, -150.0, -130.0, -120.0, -119.0, -119.0, -150.0, -180.0, -190.0]
+        ),
+    )
+    alarms = await eventually(lambda: env.alarms(sid), lambda a: len(a) >= 1)
+    await asyncio.sleep(120)
+    assert env.receiver.refused >= 5  # retried all along
+    env.receiver.down = False
+    expected = {
+        (a["id"], s)
+        for a in await env.alarms(sid)
+        for s in ("open", "cleared")
+        if a["rule"] == "temp_glass_transition"
+    }
+    got = await eventually(
+        lambda: _now(
+            {(a["alarm_id"], a["state"]) for a in env.receiver.received if a["shipment_id"] == sid}
+        ),
+        lambda g: expected <= g,
+        within=60,
+    )
+    assert expected <= got and alarms
+    _, detail = await env.call("GET", f"/api/v1/alarms/{next(iter(expected))[0]}")
+    hook = [d for d in detail["deliveries"] if d["channel"] == "webhook"]
+    assert hook and all(d["state"] == "sent" for d in hook)
+    assert max(d["attempts"] for d in hook) >= 5
