@@ -32,12 +32,18 @@ import time
 import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
+from multiprocessing.process import BaseProcess
+from multiprocessing.queues import Queue
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from coldchain.auth import Actor, Role
 from coldchain.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from coldchain.shipments import EventType, Shipment, Status
+from coldchain.store import Store
+from routing import example_network
 from sensors import Reading, encode_reading, telemetry_topic
 
 WINDOW = 2000
@@ -45,14 +51,22 @@ WINDOW = 2000
 
 def make_messages(count: int, dewars: int) -> list[tuple[str, bytes]]:
     """`count` readings spread over `dewars` dewars, each about 200 bytes of JSON."""
-    start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=6)
     out = []
     for i in range(count):
         seq = i // dewars
-        reading = Reading(seq=seq, ts=start + timedelta(seconds=seq * 60 + i % dewars / 100),
-                          temp_c=-190.0 + (i % 97) / 100, ln2_level_pct=81.25 - seq / 1000,
-                          tilt_deg=2.5, shock_g=0.31, lid_open=False, battery_pct=97.5,
-                          lat=40.839312 + seq / 1e5, lon=-74.481823 + seq / 1e5)
+        reading = Reading(
+            seq=seq,
+            ts=start + timedelta(seconds=seq * 60 + i % dewars / 100),
+            temp_c=-190.0 + (i % 97) / 100,
+            ln2_level_pct=81.25 - seq / 1000,
+            tilt_deg=2.5,
+            shock_g=0.31,
+            lid_open=False,
+            battery_pct=97.5,
+            lat=40.839312 + seq / 1e5,
+            lon=-74.481823 + seq / 1e5,
+        )
         out.append((telemetry_topic(f"BENCH-{i % dewars:05d}"), encode_reading(reading)))
     return out
 
@@ -67,8 +81,14 @@ def _varint(n: int) -> bytes:
 
 
 def _connect_packet(client_id: str) -> bytes:
-    body = (struct.pack("!H", 4) + b"MQTT" + bytes([4, 0x02]) + struct.pack("!H", 60)
-            + struct.pack("!H", len(client_id)) + client_id.encode())
+    body = (
+        struct.pack("!H", 4)
+        + b"MQTT"
+        + bytes([4, 0x02])
+        + struct.pack("!H", 60)
+        + struct.pack("!H", len(client_id))
+        + client_id.encode()
+    )
     return b"\x10" + _varint(len(body)) + body
 
 
@@ -78,7 +98,7 @@ def _publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
     return b"\x32" + _varint(len(body)) + body
 
 
-def blast(port: int, messages: list[tuple[str, bytes]], started: multiprocessing.Queue) -> None:
+def blast(port: int, messages: list[tuple[str, bytes]], started: Queue[float]) -> None:
     """Publish every message at QoS 1, keeping up to WINDOW unacknowledged (child process)."""
     packets = [_publish_packet(t, p, i % 65535 + 1) for i, (t, p) in enumerate(messages)]
     sock = socket.create_connection(("127.0.0.1", port))
@@ -93,24 +113,25 @@ def blast(port: int, messages: list[tuple[str, bytes]], started: multiprocessing
     while acked < total:
         room = min(WINDOW - (sent - acked), total - sent)
         if room >= 100 or (room > 0 and sent + room == total):
-            sock.sendall(b"".join(packets[sent:sent + room]))
+            sock.sendall(b"".join(packets[sent : sent + room]))
             sent += room
             continue
         pending += sock.recv(65536)
         whole = len(pending) // 4  # the broker sends us only PUBACKs, 4 bytes each
         acked += whole
-        pending = pending[whole * 4:]
+        pending = pending[whole * 4 :]
     sock.sendall(b"\xe0\x00")
     sock.close()
 
 
-def publish(port: int, messages: list[tuple[str, bytes]]) -> tuple[multiprocessing.Process, float]:
+def publish(port: int, messages: list[tuple[str, bytes]]) -> tuple[BaseProcess, float]:
     """Start the publisher process; return it and the wall time its first message went out."""
     ctx = multiprocessing.get_context("fork")
-    started: multiprocessing.Queue = ctx.Queue()
+    started: Queue[float] = ctx.Queue()
     process = ctx.Process(target=blast, args=(port, messages, started))
     process.start()
-    return process, started.get(timeout=60)
+    first: float = started.get(timeout=60)
+    return process, first
 
 
 def reference_rate(broker: EmbeddedBroker, messages: list[tuple[str, bytes]]) -> float:
@@ -119,10 +140,26 @@ def reference_rate(broker: EmbeddedBroker, messages: list[tuple[str, bytes]]) ->
     if mosquitto_sub is None:
         raise SystemExit("mosquitto_sub is not installed (apt-get install mosquitto-clients)")
     sub = subprocess.Popen(
-        [mosquitto_sub, "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1", "-c", "-i",
-         f"ref-{uuid.uuid4().hex[:8]}", "-t", "coldchain/v1/dewars/+/telemetry",
-         "-C", str(len(messages)), "-F", "%m"],
-        stdout=subprocess.DEVNULL)
+        [
+            mosquitto_sub,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(broker.port),
+            "-q",
+            "1",
+            "-c",
+            "-i",
+            f"ref-{uuid.uuid4().hex[:8]}",
+            "-t",
+            "coldchain/v1/dewars/+/telemetry",
+            "-C",
+            str(len(messages)),
+            "-F",
+            "%m",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     time.sleep(1.0)  # let it subscribe
     publisher, t0 = publish(broker.port, messages)
     sub.wait(timeout=600)
@@ -146,17 +183,26 @@ def _peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def coldchain_rate(broker: EmbeddedBroker, database_url: str,
-                   messages: list[tuple[str, bytes]], log: Path) -> tuple[float, float]:
+def coldchain_rate(
+    broker: EmbeddedBroker, database_url: str, messages: list[tuple[str, bytes]], log: Path
+) -> tuple[float, float]:
     """`coldchain serve` receiving and committing: (readings per second, peak RSS in MiB)."""
     port = free_port()
-    env = {**os.environ, "COLDCHAIN_DATABASE_URL": database_url,
-           "COLDCHAIN_MQTT_URL": broker.url, "COLDCHAIN_HTTP_PORT": str(port),
-           "COLDCHAIN_MQTT_CLIENT_ID": f"bench-{uuid.uuid4().hex[:8]}",
-           "COLDCHAIN_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "COLDCHAIN_DATABASE_URL": database_url,
+        "COLDCHAIN_MQTT_URL": broker.url,
+        "COLDCHAIN_HTTP_PORT": str(port),
+        "COLDCHAIN_MQTT_CLIENT_ID": f"bench-{uuid.uuid4().hex[:8]}",
+        "COLDCHAIN_LOG_LEVEL": "WARNING",
+    }
     with log.open("wb") as out:
-        service = subprocess.Popen([sys.executable, "-m", "coldchain.cli", "serve"], env=env,
-                                   stdout=out, stderr=subprocess.STDOUT)
+        service = subprocess.Popen(
+            [sys.executable, "-m", "coldchain.cli", "serve"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -181,6 +227,39 @@ def coldchain_rate(broker: EmbeddedBroker, database_url: str,
         service.wait(30)
 
 
+async def _create_shipments(database_url: str, dewars: int) -> None:
+    """An active cryo-vapor shipment for every bench dewar, packed before its first reading, so
+    the excursion rules evaluate every reading."""
+    store = await Store.open(database_url)
+    try:
+        await store.migrate()
+        await store.import_sites(list(example_network().sites.values()), "bench")
+        actor = Actor(0, "bench", Role.ADMIN)
+        now = datetime.now(UTC)
+        for d in range(dewars):
+            shipment = Shipment(
+                id=f"BENCH-SH-{d:05d}",
+                dewar_id=f"BENCH-{d:05d}",
+                profile="cryo-vapor",
+                origin="MFG-MPN",
+                destination="TC-NKI",
+                deliver_by=now + timedelta(days=5),
+                planned_departure=None,
+                chain_of_identity=None,
+                status=Status.CREATED,
+                created_at=now,
+                created_by="bench",
+                starts_at=now,
+                ends_at=None,
+            )
+            await store.create_shipment(shipment, actor)
+            await store.record_event(
+                shipment.id, EventType.PACKED, now - timedelta(hours=7), None, None, actor
+            )
+    finally:
+        await store.close()
+
+
 async def _create_database(server_url: str) -> str:
     name = f"coldchain_bench_{uuid.uuid4().hex[:8]}"
     conn = await asyncpg.connect(server_url)
@@ -199,6 +278,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--dewars", type=int, default=1000)
+    parser.add_argument(
+        "--no-rules",
+        action="store_true",
+        help="skip the second run, with every dewar in an active shipment",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="coldchain-bench-"))
@@ -211,8 +295,10 @@ def main() -> None:
     broker.start()
     messages = make_messages(args.messages, args.dewars)
     sizes = [len(p) for _, p in messages]
-    print(f"{len(messages)} readings from {args.dewars} dewars, payload "
-          f"{min(sizes)}-{max(sizes)} bytes (mean {sum(sizes) / len(sizes):.0f})")
+    print(
+        f"{len(messages)} readings from {args.dewars} dewars, payload "
+        f"{min(sizes)}-{max(sizes)} bytes (mean {sum(sizes) / len(sizes):.0f})"
+    )
     try:
         reference = reference_rate(broker, messages)
         print(f"reference  mosquitto_sub -q 1, no processing: {reference:,.0f} msg/s")
@@ -221,12 +307,30 @@ def main() -> None:
             ours, peak = coldchain_rate(broker, database_url, messages, work / "service.log")
         finally:
             asyncio.run(_drop_database(server_url, database_url))
-        print(f"coldchain  published -> committed in PostgreSQL: {ours:,.0f} readings/s, "
-              f"service peak RSS {peak:.0f} MiB")
+        print(
+            f"coldchain  published -> committed in PostgreSQL: {ours:,.0f} readings/s, "
+            f"service peak RSS {peak:.0f} MiB"
+        )
         print(f"ratio      coldchain / reference = {ours / reference:.2f}  (target >= 0.8)")
-        print(f"reproduce: .venv/bin/python -m bench.ingest --messages {args.messages} "
-              f"--dewars {args.dewars}  ({os.cpu_count()} cores, python "
-              f"{sys.version.split()[0]})")
+        if not args.no_rules:
+            database_url = asyncio.run(_create_database(server_url))
+            try:
+                asyncio.run(_create_shipments(database_url, args.dewars))
+                ruled, peak = coldchain_rate(
+                    broker, database_url, messages, work / "service-rules.log"
+                )
+            finally:
+                asyncio.run(_drop_database(server_url, database_url))
+            print(
+                f"with rules every reading in an active shipment, rules evaluated: "
+                f"{ruled:,.0f} readings/s, peak RSS {peak:.0f} MiB"
+            )
+            print(f"ratio      with rules / without = {ruled / ours:.2f}  (target >= 0.85)")
+        print(
+            f"reproduce: .venv/bin/python -m bench.ingest --messages {args.messages} "
+            f"--dewars {args.dewars}  ({os.cpu_count()} cores, python "
+            f"{sys.version.split()[0]})"
+        )
     finally:
         broker.stop()
         if embedded_pg is not None:

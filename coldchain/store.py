@@ -1690,9 +1690,7 @@ class Store(ShipmentStore):
                 " WHERE shipment_id = ANY($1)",
                 list(shipment_ids),
             )
-        return {
-            r["shipment_id"]: (_json_encoder.encode(r["state"]), r["fed_through"]) for r in rows
-        }
+        return {r["shipment_id"]: (bytes(r["state"]), r["fed_through"]) for r in rows}
 
     async def save_rule_states(self, states: Sequence[tuple[str, bytes, datetime]]) -> None:
         async with self._connection() as conn, conn.transaction():
@@ -1700,7 +1698,7 @@ class Store(ShipmentStore):
                 "INSERT INTO rule_state (shipment_id, state, fed_through) VALUES ($1, $2, $3)"
                 " ON CONFLICT (shipment_id) DO UPDATE SET state = EXCLUDED.state,"
                 " fed_through = EXCLUDED.fed_through, saved_at = now()",
-                [(sid, msgspec.json.decode(state), fed) for sid, state, fed in states],
+                states,
             )
 
     async def active_shipments(self, dewar_ids: Sequence[str] | None = None) -> list[Shipment]:
