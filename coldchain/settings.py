@@ -79,7 +79,7 @@ class Settings:
     mqtt_receive_maximum: int = 4000
     mqtt_session_expiry_s: int = 7 * 24 * 3600
     batch_size: int = 2000
-    flush_interval_s: float = 0.05
+    flush_interval_s: float = 0.005
     db_pool_size: int = 4
     backoff_cap_s: float = 5.0
     # Alarm reminders: unacknowledged alarms repeat and escalate every REMIND_AFTER[severity]

@@ -1,0 +1,350 @@
+"""Alert latency: from the MQTT publish of a breaching reading to the alarm on the alert topic and
+at a webhook receiver, p50/p99 over many alarms, idle and under background ingest load.
+
+What it does, in one run on this machine:
+1. A private Mosquitto, a fresh database, `coldchain serve` as a separate process, a webhook
+   receiver and an MQTT subscriber on `coldchain/v1/alerts/#` in this process.
+2. 50 dewars in active cryo-vapor shipments. Each alarm is a knock (shock 25 g, a warning with
+   no delay) on one of them, followed by a calm reading that clears it; every knock is a new
+   episode, so a new alarm. The publish time of each knock is recorded, and the arrival of its
+   "open" alert on each channel.
+3. The same again while a second publisher sends readings of 1,000 other dewars, also in active
+   shipments (so the rules evaluate them), at `--load` readings/s (half the sustained ingest rate
+   measured by bench/ingest.py: 27,000).
+
+Run: .venv/bin/python -m bench.alerts [--alarms 1000] [--load 27000]
+Database: COLDCHAIN_DATABASE_URL (a server where it may create a database), else embedded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from datetime import UTC, datetime, timedelta
+from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from aiohttp import web
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bench.ingest import _connect_packet, _create_database, _drop_database, _publish_packet
+from coldchain.alarms import Channel, Recipient
+from coldchain.auth import Actor, Role
+from coldchain.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from coldchain.profiles import Severity
+from coldchain.shipments import EventType as Custody
+from coldchain.shipments import Shipment, Status
+from coldchain.store import Store
+from routing import example_network
+from sensors import Reading, encode_reading, telemetry_topic
+
+ALARM_DEWARS = 50
+LOAD_DEWARS = 1000
+
+
+class Arrivals:
+    """Arrival times of "open" alerts, by (dewar, episode start)."""
+
+    def __init__(self) -> None:
+        self.times: dict[tuple[str, str], float] = {}
+        self.lock = threading.Lock()
+
+    def record(self, body: dict[str, object]) -> None:
+        if (
+            body.get("state") == "open"
+            and body.get("rule") == "shock"
+            and (body.get("escalation_level") == 0)
+        ):
+            key = (str(body["dewar_id"]), str(body["started_at"]))
+            with self.lock:
+                self.times.setdefault(key, time.time())
+
+
+async def _setup(database_url: str, hook_url: str) -> None:
+    store = await Store.open(database_url)
+    try:
+        await store.migrate()
+        await store.import_sites(list(example_network().sites.values()), "bench")
+        actor = Actor(0, "bench", Role.ADMIN)
+        now = datetime.now(UTC)
+        dewars = [f"ALERT-{d:03d}" for d in range(ALARM_DEWARS)]
+        dewars += [f"LOAD-{d:04d}" for d in range(LOAD_DEWARS)]
+        for dewar in dewars:
+            shipment = Shipment(
+                id=f"SH-{dewar}",
+                dewar_id=dewar,
+                profile="cryo-vapor",
+                origin="MFG-MPN",
+                destination="TC-NKI",
+                deliver_by=now + timedelta(days=5),
+                planned_departure=None,
+                chain_of_identity=None,
+                status=Status.CREATED,
+                created_at=now,
+                created_by="bench",
+                starts_at=now,
+                ends_at=None,
+            )
+            await store.create_shipment(shipment, actor)
+            await store.record_event(
+                shipment.id, Custody.PACKED, now - timedelta(hours=20), None, None, actor
+            )
+        await store.add_recipient(
+            Recipient(
+                id=0,
+                name="bench receiver",
+                channel=Channel.WEBHOOK,
+                address=hook_url,
+                secret=None,
+                min_severity=Severity.WARNING,
+                site_id=None,
+                shipment_id=None,
+                tier=0,
+                quiet_from=None,
+                quiet_until=None,
+                tz="UTC",
+                active=True,
+            ),
+            "bench",
+        )
+    finally:
+        await store.close()
+
+
+def _webhook_server(arrivals: Arrivals, port: int, ready: threading.Event) -> None:
+    async def hook(request: web.Request) -> web.Response:
+        arrivals.record(json.loads(await request.read()))
+        return web.Response(status=204)
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        ready.set()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def _paced_load(port: int, rate: float, stop: EventType) -> None:
+    """Publish readings of the load dewars at `rate` per second until `stop` (child process)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(_connect_packet(f"bench-load-{uuid.uuid4().hex[:8]}"))
+    sock.recv(4)
+    sock.setblocking(False)
+    start = datetime.now(UTC) - timedelta(hours=10)
+    seq = 0
+    sent = 0
+    began = time.monotonic()
+    while not stop.is_set():
+        due = int((time.monotonic() - began) * rate)
+        chunk: list[bytes] = []
+        while sent < due and len(chunk) < 500:
+            d = sent % LOAD_DEWARS
+            if d == 0:
+                seq += 1
+            r = Reading(
+                seq=seq,
+                ts=start + timedelta(seconds=seq),
+                temp_c=-190.0 + d % 7 / 10,
+                ln2_level_pct=80.0,
+                tilt_deg=2.0,
+                shock_g=0.2,
+            )
+            chunk.append(
+                _publish_packet(
+                    telemetry_topic(f"LOAD-{d:04d}"), encode_reading(r), sent % 65535 + 1
+                )
+            )
+            sent += 1
+        if chunk:
+            data = b"".join(chunk)
+            while data:
+                try:
+                    data = data[sock.send(data) :]
+                except BlockingIOError:
+                    time.sleep(0.001)
+        try:
+            while sock.recv(65536):
+                pass
+        except BlockingIOError:
+            pass
+        time.sleep(0.005)
+    sock.close()
+
+
+def _measure(
+    alarms: int, broker_port: int, arrivals: tuple[Arrivals, Arrivals], seq_base: int
+) -> tuple[list[float], list[float]]:
+    publisher = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-knock-{seq_base}")
+    publisher.connect("127.0.0.1", broker_port)
+    publisher.loop_start()
+    sent: dict[tuple[str, str], float] = {}
+    base = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    for k in range(alarms):
+        dewar = f"ALERT-{k % ALARM_DEWARS:03d}"
+        step = 2 * (k // ALARM_DEWARS)
+        seq = seq_base + step
+        # Device times stay in the past: each phase has its own half hour.
+        ts = base + timedelta(seconds=step, minutes=30 if seq_base > ALARM_DEWARS else 0)
+        knock = Reading(seq=seq, ts=ts, temp_c=-190.0, ln2_level_pct=80.0, shock_g=25.0)
+        calm = Reading(
+            seq=seq + 1,
+            ts=ts + timedelta(milliseconds=500),
+            temp_c=-190.0,
+            ln2_level_pct=80.0,
+            shock_g=0.1,
+        )
+        sent[(dewar, ts.isoformat())] = time.time()
+        publisher.publish(telemetry_topic(dewar), encode_reading(knock), qos=1)
+        publisher.publish(telemetry_topic(dewar), encode_reading(calm), qos=1)
+        time.sleep(0.02)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(
+        len(a.times.keys() & sent.keys()) == len(sent) for a in arrivals
+    ):
+        time.sleep(0.2)
+    publisher.disconnect()
+    publisher.loop_stop()
+    out = []
+    for a in arrivals:
+        with a.lock:
+            out.append([(a.times[k] - t) * 1000 for k, t in sent.items() if k in a.times])
+    missing = [len(sent) - len(x) for x in out]
+    if any(missing):
+        print(f"  (alerts not received within 60 s: topic {missing[0]}, webhook {missing[1]})")
+    return out[0], out[1]
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _report(label: str, topic: list[float], hook: list[float]) -> None:
+    for name, values in (("alert topic", topic), ("webhook", hook)):
+        p99 = _pct(values, 0.99)
+        print(
+            f"{label:8} {name:12} n={len(values):5}  p50 {_pct(values, 0.5):7.1f} ms  "
+            f"p99 {p99:7.1f} ms  mean {statistics.fmean(values) if values else 0:6.1f} ms  "
+            f"p99/target(100 ms) = {p99 / 100:.2f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--alarms", type=int, default=1000)
+    parser.add_argument(
+        "--load",
+        type=float,
+        default=27_000.0,
+        help="background readings/s (half of bench/ingest.py's sustained rate)",
+    )
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="coldchain-alerts-"))
+    embedded_pg: EmbeddedPostgres | None = None
+    server_url = os.environ.get("COLDCHAIN_DATABASE_URL")
+    if not server_url:
+        embedded_pg = EmbeddedPostgres(work / "pg")
+        server_url = embedded_pg.start()
+    broker = EmbeddedBroker(work / "broker", prefer="mosquitto")
+    broker.start()
+    database_url = asyncio.run(_create_database(server_url))
+    topic_arrivals, hook_arrivals = Arrivals(), Arrivals()
+    hook_port = free_port()
+    ready = threading.Event()
+    threading.Thread(
+        target=_webhook_server, args=(hook_arrivals, hook_port, ready), daemon=True
+    ).start()
+    ready.wait(10)
+    service: subprocess.Popen[bytes] | None = None
+    listener = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-alerts")
+    listener.on_message = lambda c, u, m: topic_arrivals.record(json.loads(m.payload))
+    try:
+        asyncio.run(_setup(database_url, f"http://127.0.0.1:{hook_port}/hook"))
+        listener.connect("127.0.0.1", broker.port)
+        listener.subscribe("coldchain/v1/alerts/#", qos=1)
+        listener.loop_start()
+        http_port = free_port()
+        env = {
+            **os.environ,
+            "COLDCHAIN_DATABASE_URL": database_url,
+            "COLDCHAIN_MQTT_URL": broker.url,
+            "COLDCHAIN_HTTP_PORT": str(http_port),
+            "COLDCHAIN_LOG_LEVEL": "WARNING",
+            "COLDCHAIN_REMIND_SCALE": "1000",
+        }
+        with (work / "service.log").open("wb") as out:
+            service = subprocess.Popen(
+                [sys.executable, "-m", "coldchain.cli", "serve"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{http_port}/readyz", timeout=2
+                ) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"service not ready; see {work / 'service.log'}")
+            time.sleep(0.2)
+        time.sleep(3)  # let the rules load the shipments
+        print(
+            f"{args.alarms} alarms (a knock on one of {ALARM_DEWARS} dewars every 20 ms), "
+            f"{LOAD_DEWARS} more dewars in shipments for the load"
+        )
+        idle = _measure(args.alarms, broker.port, (topic_arrivals, hook_arrivals), 10)
+        _report("idle", *idle)
+        stop = multiprocessing.get_context("fork").Event()
+        load = multiprocessing.get_context("fork").Process(
+            target=_paced_load, args=(broker.port, args.load, stop)
+        )
+        load.start()
+        time.sleep(3)
+        loaded = _measure(args.alarms, broker.port, (topic_arrivals, hook_arrivals), 100_000)
+        stop.set()
+        load.join(30)
+        _report(f"{args.load / 1000:.0f}k/s", *loaded)
+        print(
+            f"reproduce: .venv/bin/python -m bench.alerts --alarms {args.alarms} "
+            f"--load {args.load:.0f}  ({os.cpu_count()} cores)"
+        )
+    finally:
+        listener.loop_stop()
+        if service is not None:
+            service.terminate()
+            service.wait(30)
+        asyncio.run(_drop_database(server_url, database_url))
+        broker.stop()
+        if embedded_pg is not None:
+            embedded_pg.destroy()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
