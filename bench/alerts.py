@@ -27,11 +27,9 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
 from multiprocessing.synchronize import Event as EventType
@@ -41,15 +39,17 @@ import paho.mqtt.client as paho
 from aiohttp import web
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.ingest import _connect_packet, _create_database, _drop_database, _publish_packet
+from bench.harness import (
+    connect_packet,
+    create_database,
+    create_shipments,
+    drop_database,
+    publish_packet,
+    start_service,
+)
 from coldchain.alarms import Channel, Recipient
-from coldchain.auth import Actor, Role
 from coldchain.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from coldchain.profiles import Severity
-from coldchain.shipments import EventType as Custody
-from coldchain.shipments import Shipment, Status
-from coldchain.store import Store
-from routing import example_network
 from sensors import Reading, encode_reading, telemetry_topic
 
 ALARM_DEWARS = 50
@@ -75,34 +75,10 @@ class Arrivals:
 
 
 async def _setup(database_url: str, hook_url: str) -> None:
-    store = await Store.open(database_url)
+    dewars = [f"ALERT-{d:03d}" for d in range(ALARM_DEWARS)]
+    dewars += [f"LOAD-{d:04d}" for d in range(LOAD_DEWARS)]
+    store = await create_shipments(database_url, dewars, packed_ago=timedelta(hours=20))
     try:
-        await store.migrate()
-        await store.import_sites(list(example_network().sites.values()), "bench")
-        actor = Actor(0, "bench", Role.ADMIN)
-        now = datetime.now(UTC)
-        dewars = [f"ALERT-{d:03d}" for d in range(ALARM_DEWARS)]
-        dewars += [f"LOAD-{d:04d}" for d in range(LOAD_DEWARS)]
-        for dewar in dewars:
-            shipment = Shipment(
-                id=f"SH-{dewar}",
-                dewar_id=dewar,
-                profile="cryo-vapor",
-                origin="MFG-MPN",
-                destination="TC-NKI",
-                deliver_by=now + timedelta(days=5),
-                planned_departure=None,
-                chain_of_identity=None,
-                status=Status.CREATED,
-                created_at=now,
-                created_by="bench",
-                starts_at=now,
-                ends_at=None,
-            )
-            await store.create_shipment(shipment, actor)
-            await store.record_event(
-                shipment.id, Custody.PACKED, now - timedelta(hours=20), None, None, actor
-            )
         await store.add_recipient(
             Recipient(
                 id=0,
@@ -145,7 +121,7 @@ def _webhook_server(arrivals: Arrivals, port: int, ready: threading.Event) -> No
 def _paced_load(port: int, rate: float, stop: EventType) -> None:
     """Publish readings of the load dewars at `rate` per second until `stop` (child process)."""
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(_connect_packet(f"bench-load-{uuid.uuid4().hex[:8]}"))
+    sock.sendall(connect_packet(f"bench-load-{uuid.uuid4().hex[:8]}"))
     sock.recv(4)
     sock.setblocking(False)
     start = datetime.now(UTC) - timedelta(hours=10)
@@ -168,7 +144,7 @@ def _paced_load(port: int, rate: float, stop: EventType) -> None:
                 shock_g=0.2,
             )
             chunk.append(
-                _publish_packet(
+                publish_packet(
                     telemetry_topic(f"LOAD-{d:04d}"), encode_reading(r), sent % 65535 + 1
                 )
             )
@@ -268,7 +244,7 @@ def main() -> None:
         server_url = embedded_pg.start()
     broker = EmbeddedBroker(work / "broker", prefer="mosquitto")
     broker.start()
-    database_url = asyncio.run(_create_database(server_url))
+    database_url = asyncio.run(create_database(server_url))
     topic_arrivals, hook_arrivals = Arrivals(), Arrivals()
     hook_port = free_port()
     ready = threading.Event()
@@ -284,35 +260,12 @@ def main() -> None:
         listener.connect("127.0.0.1", broker.port)
         listener.subscribe("coldchain/v1/alerts/#", qos=1)
         listener.loop_start()
-        http_port = free_port()
-        env = {
-            **os.environ,
-            "COLDCHAIN_DATABASE_URL": database_url,
-            "COLDCHAIN_MQTT_URL": broker.url,
-            "COLDCHAIN_HTTP_PORT": str(http_port),
-            "COLDCHAIN_LOG_LEVEL": "WARNING",
-            "COLDCHAIN_REMIND_SCALE": "1000",
-        }
-        with (work / "service.log").open("wb") as out:
-            service = subprocess.Popen(
-                [sys.executable, "-m", "coldchain.cli", "serve"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{http_port}/readyz", timeout=2
-                ) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"service not ready; see {work / 'service.log'}")
-            time.sleep(0.2)
+        service, _ = start_service(
+            work / "service.log",
+            database_url=database_url,
+            mqtt_url=broker.url,
+            remind_scale="1000",
+        )
         time.sleep(3)  # let the rules load the shipments
         print(
             f"{args.alarms} alarms (a knock on one of {ALARM_DEWARS} dewars every 20 ms), "
@@ -339,7 +292,7 @@ def main() -> None:
         if service is not None:
             service.terminate()
             service.wait(30)
-        asyncio.run(_drop_database(server_url, database_url))
+        asyncio.run(drop_database(server_url, database_url))
         broker.stop()
         if embedded_pg is not None:
             embedded_pg.destroy()

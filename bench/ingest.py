@@ -24,26 +24,26 @@ import multiprocessing
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
-
-from coldchain.auth import Actor, Role
-from coldchain.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
-from coldchain.shipments import EventType, Shipment, Status
-from coldchain.store import Store
-from routing import example_network
+from bench.harness import (
+    connect_packet,
+    create_database,
+    create_shipments,
+    drop_database,
+    metric,
+    publish_packet,
+    start_service,
+)
+from coldchain.embedded import EmbeddedBroker, EmbeddedPostgres
 from sensors import Reading, encode_reading, telemetry_topic
 
 WINDOW = 2000
@@ -71,39 +71,12 @@ def make_messages(count: int, dewars: int) -> list[tuple[str, bytes]]:
     return out
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _connect_packet(client_id: str) -> bytes:
-    body = (
-        struct.pack("!H", 4)
-        + b"MQTT"
-        + bytes([4, 0x02])
-        + struct.pack("!H", 60)
-        + struct.pack("!H", len(client_id))
-        + client_id.encode()
-    )
-    return b"\x10" + _varint(len(body)) + body
-
-
-def _publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
-    encoded = topic.encode()
-    body = struct.pack("!H", len(encoded)) + encoded + struct.pack("!H", packet_id) + payload
-    return b"\x32" + _varint(len(body)) + body
-
-
 def blast(port: int, messages: list[tuple[str, bytes]], started: Queue[float]) -> None:
     """Publish every message at QoS 1, keeping up to WINDOW unacknowledged (child process)."""
-    packets = [_publish_packet(t, p, i % 65535 + 1) for i, (t, p) in enumerate(messages)]
+    packets = [publish_packet(t, p, i % 65535 + 1) for i, (t, p) in enumerate(messages)]
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(_connect_packet(f"bench-pub-{uuid.uuid4().hex[:8]}"))
+    sock.sendall(connect_packet(f"bench-pub-{uuid.uuid4().hex[:8]}"))
     connack = sock.recv(4)
     assert connack[:1] == b"\x20" and connack[3] == 0, connack
     started.put(time.time())
@@ -168,14 +141,6 @@ def reference_rate(broker: EmbeddedBroker, messages: list[tuple[str, bytes]]) ->
     return len(messages) / (t1 - t0)
 
 
-def _stored(base: str) -> float:
-    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:  # noqa: S310
-        for line in response.read().decode().splitlines():
-            if line.startswith("coldchain_ingest_readings_stored_total "):
-                return float(line.split()[1])
-    return 0.0
-
-
 def _peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -187,37 +152,10 @@ def coldchain_rate(
     broker: EmbeddedBroker, database_url: str, messages: list[tuple[str, bytes]], log: Path
 ) -> tuple[float, float]:
     """`coldchain serve` receiving and committing: (readings per second, peak RSS in MiB)."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "COLDCHAIN_DATABASE_URL": database_url,
-        "COLDCHAIN_MQTT_URL": broker.url,
-        "COLDCHAIN_HTTP_PORT": str(port),
-        "COLDCHAIN_MQTT_CLIENT_ID": f"bench-{uuid.uuid4().hex[:8]}",
-        "COLDCHAIN_LOG_LEVEL": "WARNING",
-    }
-    with log.open("wb") as out:
-        service = subprocess.Popen(
-            [sys.executable, "-m", "coldchain.cli", "serve"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:  # noqa: S310
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"service did not become ready; see {log}")
-        time.sleep(0.2)
+    service, base = start_service(log, database_url=database_url, mqtt_url=broker.url)
     try:
         publisher, t0 = publish(broker.port, messages)
-        while _stored(base) < len(messages):
+        while metric(base, "coldchain_ingest_readings_stored_total") < len(messages):
             time.sleep(0.02)
         t1 = time.time()
         publisher.join()
@@ -227,51 +165,11 @@ def coldchain_rate(
         service.wait(30)
 
 
-async def _create_shipments(database_url: str, dewars: int) -> None:
-    """An active cryo-vapor shipment for every bench dewar, packed before its first reading, so
-    the excursion rules evaluate every reading."""
-    store = await Store.open(database_url)
-    try:
-        await store.migrate()
-        await store.import_sites(list(example_network().sites.values()), "bench")
-        actor = Actor(0, "bench", Role.ADMIN)
-        now = datetime.now(UTC)
-        for d in range(dewars):
-            shipment = Shipment(
-                id=f"BENCH-SH-{d:05d}",
-                dewar_id=f"BENCH-{d:05d}",
-                profile="cryo-vapor",
-                origin="MFG-MPN",
-                destination="TC-NKI",
-                deliver_by=now + timedelta(days=5),
-                planned_departure=None,
-                chain_of_identity=None,
-                status=Status.CREATED,
-                created_at=now,
-                created_by="bench",
-                starts_at=now,
-                ends_at=None,
-            )
-            await store.create_shipment(shipment, actor)
-            await store.record_event(
-                shipment.id, EventType.PACKED, now - timedelta(hours=7), None, None, actor
-            )
-    finally:
-        await store.close()
-
-
-async def _create_database(server_url: str) -> str:
-    name = f"coldchain_bench_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(server_url)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    return urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
-
-
-async def _drop_database(server_url: str, url: str) -> None:
-    conn = await asyncpg.connect(server_url)
-    await conn.execute(f'DROP DATABASE IF EXISTS "{urlsplit(url).path[1:]}" WITH (FORCE)')
-    await conn.close()
+async def _shipments(database_url: str, dewars: int) -> None:
+    """Every bench dewar in an active shipment, packed before its first reading."""
+    ids = [f"BENCH-{d:05d}" for d in range(dewars)]
+    store = await create_shipments(database_url, ids, packed_ago=timedelta(hours=7))
+    await store.close()
 
 
 def main() -> None:
@@ -302,25 +200,25 @@ def main() -> None:
     try:
         reference = reference_rate(broker, messages)
         print(f"reference  mosquitto_sub -q 1, no processing: {reference:,.0f} msg/s")
-        database_url = asyncio.run(_create_database(server_url))
+        database_url = asyncio.run(create_database(server_url))
         try:
             ours, peak = coldchain_rate(broker, database_url, messages, work / "service.log")
         finally:
-            asyncio.run(_drop_database(server_url, database_url))
+            asyncio.run(drop_database(server_url, database_url))
         print(
             f"coldchain  published -> committed in PostgreSQL: {ours:,.0f} readings/s, "
             f"service peak RSS {peak:.0f} MiB"
         )
         print(f"ratio      coldchain / reference = {ours / reference:.2f}  (target >= 0.8)")
         if not args.no_rules:
-            database_url = asyncio.run(_create_database(server_url))
+            database_url = asyncio.run(create_database(server_url))
             try:
-                asyncio.run(_create_shipments(database_url, args.dewars))
+                asyncio.run(_shipments(database_url, args.dewars))
                 ruled, peak = coldchain_rate(
                     broker, database_url, messages, work / "service-rules.log"
                 )
             finally:
-                asyncio.run(_drop_database(server_url, database_url))
+                asyncio.run(drop_database(server_url, database_url))
             print(
                 f"with rules every reading in an active shipment, rules evaluated: "
                 f"{ruled:,.0f} readings/s, peak RSS {peak:.0f} MiB"
