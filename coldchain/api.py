@@ -21,7 +21,7 @@ from aiohttp import web
 
 from coldchain import keys
 from coldchain.alarms import Alarm, AlarmState, Channel, Recipient
-from coldchain.auth import Actor, Permission, new_token, token_hash
+from coldchain.auth import ROLE_PERMISSIONS, Actor, Permission, new_token, token_hash
 from coldchain.errors import BadRequest, NotFound
 from coldchain.excursions import RECHARGE_JUMP_PCT
 from coldchain.forecast import forecast
@@ -42,6 +42,7 @@ from coldchain.schemas import (
     EventOut,
     EventRecorded,
     HoldOut,
+    MeOut,
     ProfileList,
     ReadingOut,
     RecipientIn,
@@ -292,6 +293,7 @@ async def create_shipment(request: web.Request) -> web.Response:
         ends_at=None,
     )
     created = await request.app[keys.STORE].create_shipment(shipment, who)
+    request.app[keys.WATCH].shipments_changed()
     response = reply(shipment_out(created), status=201)
     response.headers["Location"] = f"/api/v1/shipments/{created.id}"
     return response
@@ -603,6 +605,7 @@ async def record_event(request: web.Request) -> web.Response:
     shipment, event = await request.app[keys.STORE].record_event(
         shipment_id, body.type, at, body.location, body.note, actor(request)
     )
+    request.app[keys.WATCH].shipments_changed()
     return reply(EventRecorded(event_out(event), shipment_out(shipment)), status=201)
 
 
@@ -853,3 +856,11 @@ async def plan_route(request: web.Request) -> web.Response:
     except PlanRequestError as exc:
         raise BadRequest(str(exc)) from exc
     return reply(msgspec.convert(plan_result_to_dict(result), RoutePlanOut))
+
+
+@routes.get("/api/v1/me")
+@requires(Permission.READ)
+async def me(request: web.Request) -> web.Response:
+    """The caller's token name, role and permissions."""
+    who = actor(request)
+    return reply(MeOut(who.name, who.role, sorted(str(p) for p in ROLE_PERMISSIONS[who.role])))

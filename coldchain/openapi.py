@@ -286,6 +286,14 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         schemas.RoutePlanIn,
         errors=(400, 401, 403, 415, 429),
     ),
+    Operation(
+        "get",
+        "/api/v1/me",
+        api.me,
+        "The caller: token name, role and permissions",
+        schemas.MeOut,
+        errors=(401, 403, 429),
+    ),
     Operation("get", "/api/v1/tokens", api.list_tokens, "API tokens (admins)", schemas.TokenList),
     Operation(
         "post",

@@ -391,3 +391,11 @@ class RoutePlanOut(msgspec.Struct, frozen=True):
     feasible: bool
     routes: list[RouteOut]
     infeasible: InfeasibleOut | None
+
+
+class MeOut(msgspec.Struct, frozen=True):
+    """Who the token belongs to and what it may do (the dashboard hides what it may not)."""
+
+    name: str
+    role: Role
+    permissions: list[str]

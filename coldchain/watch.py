@@ -105,6 +105,7 @@ class Watch:
         self._by_dewar: dict[str, list[Shipment]] = {}
         self._profiles: dict[str, Profile] = {}
         self._refreshed = 0.0
+        self._stale = False
         self.ready = asyncio.Event()
         self._eval_seconds = registry.histogram(
             "coldchain_rules_batch_seconds", "Time to evaluate one committed batch", _LATENCY
@@ -112,6 +113,10 @@ class Watch:
         self._alarm_changes = registry.counter(
             "coldchain_alarm_changes_total", "Alarm changes made by the rules and reminders"
         )
+
+    def shipments_changed(self) -> None:
+        """A shipment was created or changed here: look again before the next evaluation."""
+        self._stale = True
 
     async def committed(self, readings: list[IncomingReading]) -> None:
         """Called by the ingest after each commit."""
@@ -121,9 +126,10 @@ class Watch:
     # Start-up ------------------------------------------------------------------------------
 
     async def _refresh(self, force: bool = False) -> None:
-        if not force and time.monotonic() - self._refreshed < SHIPMENTS_EVERY_S:
+        if not (force or self._stale) and time.monotonic() - self._refreshed < SHIPMENTS_EVERY_S:
             return
         self._refreshed = time.monotonic()
+        self._stale = False
         shipments = await self._store.active_shipments()
         self._profiles = {p.profile.name: p.profile for p in await self._store.profiles()}
         by_dewar: dict[str, list[Shipment]] = defaultdict(list)
@@ -217,7 +223,7 @@ class Watch:
         by_dewar: dict[str, list[IncomingReading]] = defaultdict(list)
         for item in readings:
             by_dewar[item.dewar_id].append(item)
-        if any(d not in self._by_dewar for d in by_dewar):
+        if self._stale or any(d not in self._by_dewar for d in by_dewar):
             await self._refresh()
         for dewar, items in by_dewar.items():
             for shipment in self._by_dewar.get(dewar, ()):

@@ -27,8 +27,8 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8
 SERVICES: dict[str, Any] = COMPOSE["services"]
 
 
-def test_compose_declares_the_three_services_and_their_volumes() -> None:
-    assert set(SERVICES) == {"postgres", "mosquitto", "coldchain"}
+def test_compose_declares_the_services_and_their_volumes() -> None:
+    assert set(SERVICES) == {"postgres", "mosquitto", "coldchain", "grafana"}
     assert SERVICES["postgres"]["image"].startswith("postgres:")
     assert SERVICES["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
     assert SERVICES["coldchain"]["build"] == "."
@@ -37,7 +37,7 @@ def test_compose_declares_the_three_services_and_their_volumes() -> None:
     assert any(
         v.startswith("mosquitto-data:/mosquitto/data") for v in SERVICES["mosquitto"]["volumes"]
     )
-    assert set(COMPOSE["volumes"]) == {"pgdata", "mosquitto-data"}
+    assert set(COMPOSE["volumes"]) == {"pgdata", "mosquitto-data", "grafana-data"}
     depends = SERVICES["coldchain"]["depends_on"]
     assert depends["postgres"]["condition"] == "service_healthy"
     assert "mosquitto" in depends
@@ -190,3 +190,25 @@ def test_the_service_command_runs_natively_with_the_compose_environment(
     finally:
         process.terminate()
         assert process.wait(20) == 0
+
+
+def test_grafana_is_provisioned_from_the_repository_against_the_compose_database() -> None:
+    grafana = SERVICES["grafana"]
+    mounts = {
+        v.split(":")[1]: ROOT / v.split(":")[0] for v in grafana["volumes"] if v.startswith("./")
+    }
+    provisioning = mounts["/etc/grafana/provisioning"]
+    assert (provisioning / "datasources" / "coldchain.yaml").is_file()
+    provider = yaml.safe_load((provisioning / "dashboards" / "coldchain.yaml").read_text())
+    path = provider["providers"][0]["options"]["path"]
+    assert mounts[path].is_dir() and list(mounts[path].glob("*.json"))
+    source = yaml.safe_load((provisioning / "datasources" / "coldchain.yaml").read_text())
+    (pg,) = source["datasources"]
+    env = SERVICES["postgres"]["environment"]
+    assert pg["url"] == "postgres:5432"
+    assert (pg["user"], pg["jsonData"]["database"], pg["secureJsonData"]["password"]) == (
+        env["POSTGRES_USER"],
+        env["POSTGRES_DB"],
+        env["POSTGRES_PASSWORD"],
+    )
+    assert grafana["depends_on"]["postgres"]["condition"] == "service_healthy"
