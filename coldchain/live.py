@@ -1,8 +1,8 @@
 """The live stream (`GET /api/v1/live`, a WebSocket): readings and alarm changes as they happen.
 
 Each event is encoded once and queued to every client. A client's queue is bounded; a client
-that falls that far behind is disconnected (close code 1013, "try again later") rather than
-allowed to grow the service's memory. Clients send nothing; the stream is one-way.
+that falls that far behind is disconnected at once rather than allowed to grow the service's
+memory; it reconnects and reloads. Clients send nothing; the stream is one-way.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 from typing import Any, Final
 
 import msgspec
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
 from coldchain.metrics import Registry
 
@@ -24,11 +24,12 @@ _encoder: Final = msgspec.json.Encoder()
 
 
 class _Client:
-    __slots__ = ("queue", "slow")
+    __slots__ = ("queue", "slow", "task")
 
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_LIMIT)
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_LIMIT)
         self.slow = False
+        self.task = task
 
 
 class LiveHub:
@@ -60,16 +61,17 @@ class LiveHub:
             try:
                 client.queue.put_nowait(message)
             except asyncio.QueueFull:
+                # It is this far behind: drop it. Its sender may be stuck writing to a socket
+                # the client no longer reads, so stop that task rather than wait for it.
                 client.slow = True
                 self._dropped.inc()
-                with contextlib.suppress(asyncio.QueueFull):
-                    client.queue.get_nowait()  # make room for the goodbye
-                    client.queue.put_nowait(None)
+                if client.task is not None:
+                    client.task.cancel()
 
     async def serve(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(heartbeat=30, max_msg_size=4096)
         await ws.prepare(request)
-        client = _Client()
+        client = _Client(asyncio.current_task())
         self._clients.add(client)
         reader = asyncio.create_task(self._drain_incoming(ws))
         try:
@@ -80,21 +82,20 @@ class LiveHub:
                 if not getter.done():
                     getter.cancel()  # the client went away
                     break
-                message = getter.result()
-                if message is None:
-                    await ws.close(
-                        code=WSCloseCode.TRY_AGAIN_LATER, message=b"too slow: reconnect and reload"
-                    )
-                    break
-                await ws.send_str(message.decode())
-        except ConnectionResetError:
-            pass
+                await ws.send_str(getter.result().decode())
+        except ConnectionError:
+            pass  # the client went away mid-send
+        except asyncio.CancelledError:
+            if not client.slow:
+                raise
         finally:
             self._clients.discard(client)
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
-            if not ws.closed:
+            if client.slow and request.transport is not None:
+                request.transport.abort()  # a close frame would wait behind the backlog
+            elif not ws.closed:
                 await ws.close()
         return ws
 

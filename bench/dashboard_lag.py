@@ -1,7 +1,7 @@
 """How far behind the dashboard runs with a real fleet: 1,000 active shipments each reporting
 every second, the fleet screen open in headless Chromium.
 
-`python -m tests.e2e.lag [--shipments 1000] [--seconds 30]` prints the update lag (a reading's
+`python -m bench.dashboard_lag [--shipments 1000] [--seconds 30]` prints the update lag (a reading's
 device time to the moment the page drew it) at p50/p95, and the same for a bare WebSocket client
 on the live stream in the same run (the baseline: what the service itself adds), and their ratio.
 Uses COLDCHAIN_TEST_DATABASE_URL / COLDCHAIN_TEST_MQTT_URL when set, else embedded servers."""
