@@ -7,6 +7,7 @@ them. Errors are raised as `ColdchainError`s and rendered by the error middlewar
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
@@ -19,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 from aiohttp import web
 
-from coldchain import keys
+from coldchain import keys, report
 from coldchain.alarms import Alarm, AlarmState, Channel, Recipient
 from coldchain.auth import ROLE_PERMISSIONS, Actor, Permission, new_token, token_hash
 from coldchain.errors import BadRequest, NotFound
@@ -660,6 +661,26 @@ async def telemetry(request: web.Request) -> web.Response:
             readings=[reading_out(r) for r in readings[:limit]],
             truncated=len(readings) > limit,
         )
+    )
+
+
+@routes.get("/api/v1/shipments/{shipment_id}/report")
+@requires(Permission.READ)
+async def shipment_report(request: web.Request) -> web.Response:
+    """The excursion report: `format=json` (default), `pdf`, or `csv` (every reading with the
+    limits it passed). Built off the event loop."""
+    fmt = _text(request, "format") or "json"
+    if fmt not in report.FORMATS:
+        raise BadRequest(f"format must be one of {', '.join(report.FORMATS)}, got {fmt[:20]!r}")
+    inputs = await report.gather(
+        request.app[keys.STORE], _shipment_id(request), actor(request).name
+    )
+    rendered = await asyncio.to_thread(report.render, inputs, fmt)
+    disposition = "inline" if fmt == "json" else "attachment"
+    return web.Response(
+        body=rendered.body,
+        content_type=rendered.content_type,
+        headers={"Content-Disposition": f'{disposition}; filename="{rendered.filename}"'},
     )
 
 

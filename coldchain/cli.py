@@ -219,6 +219,23 @@ def _route(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if result.plans else 3
 
 
+def _report(args: argparse.Namespace, settings: Settings) -> int:
+    from coldchain import report
+
+    who = f"cli:{getpass.getuser()}"
+    inputs = _store_call(settings, lambda store: report.gather(store, args.shipment_id, who))
+    rendered = report.render(inputs, args.format)
+    target = args.output or (rendered.filename if args.format == "pdf" else "-")
+    if target == "-":
+        sys.stdout.buffer.write(rendered.body)
+        sys.stdout.flush()
+    else:
+        with open(target, "wb") as stream:
+            stream.write(rendered.body)
+        print(f"wrote {target} ({len(rendered.body):,} bytes)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coldchain",
@@ -323,6 +340,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--example",
         action="store_true",
         help="plan over the bundled example network (no database needed)",
+    )
+
+    rep = command(
+        "report",
+        _report,
+        "write a shipment's excursion report: time in range, limits, MKT, alarms, custody",
+    )
+    rep.add_argument("shipment_id")
+    rep.add_argument(
+        "--format",
+        choices=["json", "csv", "pdf"],
+        default="json",
+        help="json (default), pdf, or csv: every reading with the limits it passed",
+    )
+    rep.add_argument(
+        "--output",
+        "-o",
+        default=None,
+        help="file to write, - for standard output (default: standard output; for pdf, "
+        "SHIPMENT-report.pdf)",
     )
 
     demo = command(

@@ -40,6 +40,7 @@ class Operation:
     body: type | None = None
     params: tuple[Param, ...] = ()
     errors: tuple[int, ...] = field(default=(400, 401, 403, 429))
+    media: tuple[str, ...] = ()  # other media types the success response may have
 
 
 _ID = {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}
@@ -124,6 +125,24 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
             Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 10000}),
         ),
         errors=(400, 401, 403, 404, 429),
+    ),
+    Operation(
+        "get",
+        "/api/v1/shipments/{shipment_id}/report",
+        api.shipment_report,
+        "Excursion report: time in range, limits, MKT, alarm and custody logs (JSON, CSV, PDF)",
+        schemas.ReportOut,
+        params=(
+            SHIPMENT_ID,
+            Param(
+                "format",
+                "query",
+                {"type": "string", "enum": ["json", "csv", "pdf"]},
+                "json (default), pdf, or csv: every reading with the limits it passed",
+            ),
+        ),
+        errors=(400, 401, 403, 404, 429),
+        media=("text/csv", "application/pdf"),
     ),
     Operation(
         "get",
@@ -396,6 +415,9 @@ def document() -> dict[str, Any]:
             if op.response is None
             else {"description": "OK", "content": _json(op.response)}
         }
+        for media in op.media:
+            schema = {"type": "string", "contentMediaType": media}
+            responses[str(op.status)].setdefault("content", {})[media] = {"schema": schema}
         for status in op.errors:
             responses[str(status)] = {
                 "description": _REASONS[status],

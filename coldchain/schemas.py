@@ -11,6 +11,7 @@ from msgspec import Meta
 
 from coldchain.auth import Role
 from coldchain.profiles import Profile
+from coldchain.report import Report
 from coldchain.shipments import EventType, Status
 
 Id = Annotated[
@@ -19,6 +20,10 @@ Id = Annotated[
 Instant = Annotated[datetime, Meta(tz=True, description="RFC 3339 with offset")]
 ShortText = Annotated[str, Meta(min_length=1, max_length=200)]
 Note = Annotated[str, Meta(max_length=2000)]
+
+
+ReportOut = Report
+"""The excursion report (`format=json`), defined beside the code that computes it."""
 
 
 class ErrorDetail(msgspec.Struct, frozen=True):
