@@ -33,7 +33,7 @@ from coldchain.errors import StoreUnavailable
 from coldchain.metrics import Registry
 from coldchain.store import BatchResult, DeadLetter, DewarStatus, IncomingReading, Store
 from sensors import parse_message
-from sensors.schema import Timestamp
+from sensors.schema import TOO_DEEP, Timestamp
 from sensors.topics import dewar_id_of
 
 logger = logging.getLogger(__name__)
@@ -188,10 +188,18 @@ class Ingest:
         """Take one message; it is acknowledged (by `packet_id`) once committed."""
         self.metrics.messages.inc()
         now = datetime.now(UTC)
-        if topic.endswith("/status"):
-            parked = self._status(topic, payload, now, packet_id)
-        else:
-            parked = self._telemetry(topic, payload, now, packet_id)
+        try:
+            if topic.endswith("/status"):
+                parked = self._status(topic, payload, now, packet_id)
+            else:
+                parked = self._telemetry(topic, payload, now, packet_id)
+        except Exception as exc:
+            # Parsing never raises for what a device sends; if it does, that is a bug, but the
+            # message still becomes a dead letter instead of holding its slot unacknowledged.
+            logger.exception("message on %s could not be parsed; dead-lettered", topic)
+            reason = f"could not be parsed ({type(exc).__name__})"
+            letter = DeadLetter(now, topic, dewar_id_of(topic), None, reason, payload)
+            parked = _Parked(topic, payload, [], [letter], [], time.monotonic(), packet_id)
         self._parked.append(parked)
         self._parked_readings += len(parked.readings)
         self._arrived.set()
@@ -373,9 +381,10 @@ def _parse_status(topic: str, payload: bytes) -> DewarStatus | str:
         return f"bad topic {topic[:200]!r}"
     try:
         message = _status_decoder.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
+        problem = TOO_DEEP if isinstance(exc, RecursionError) else str(exc)
         return (
-            f"bad status message ({exc}); expected "
+            f"bad status message ({problem}); expected "
             '{"state": "online"|"offline", "ts": RFC 3339 time}'
         )
     if message.state not in ("online", "offline"):

@@ -14,6 +14,7 @@ from sensors.publisher import PublisherStats, StoreAndForwardPublisher
 from sensors.schema import (
     MAX_BATCH,
     MAX_CLOCK_SKEW,
+    MAX_DEPTH,
     MAX_PAYLOAD_BYTES,
     Parsed,
     Reading,
@@ -37,6 +38,7 @@ __all__ = [
     "LANES",
     "MAX_BATCH",
     "MAX_CLOCK_SKEW",
+    "MAX_DEPTH",
     "MAX_PAYLOAD_BYTES",
     "STATUS_FILTER",
     "TELEMETRY_FILTER",

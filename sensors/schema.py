@@ -5,10 +5,15 @@ every reading is good, with no unknown fields) is decoded and validated by msgsp
 pass, well under a microsecond per reading. Only when that fails does the parser take the slower
 path that judges each reading of a batch on its own and keeps unknown fields, so one bad reading
 never costs its neighbours and the reason names the reading and the field.
+
+Unknown fields may nest arrays and objects at most `MAX_DEPTH` levels deep. A message nested far
+deeper than that (thousands of `[`) is beyond msgspec's recursion limit; it is refused as "JSON
+nested too deeply" like any other bad input, and in a batch only the reading that holds it is.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Final
@@ -21,6 +26,8 @@ from sensors.topics import dewar_id_of
 MAX_PAYLOAD_BYTES: Final = 256 * 1024
 MAX_BATCH: Final = 1000
 MAX_CLOCK_SKEW: Final = timedelta(minutes=5)
+MAX_DEPTH: Final = 32
+"""Levels of arrays and objects an unknown field may nest; the reading itself is not counted."""
 
 _INT64_MAX: Final = 2**63 - 1
 
@@ -58,6 +65,11 @@ _batch_decoder: Final = msgspec.json.Decoder(list[msgspec.Raw])
 _object_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _reading_decoder: Final = msgspec.json.Decoder(Reading)
 _encoder: Final = msgspec.json.Encoder()
+
+TOO_DEEP: Final = f"JSON nested too deeply (arrays and objects at most {MAX_DEPTH} levels deep)"
+# What a JSON array's items are split on when the decoder cannot descend into one of them:
+# strings (skipped whole, escapes included), brackets, braces and commas.
+_STRUCTURE: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +113,7 @@ def parse_message(topic: str, payload: bytes, now: datetime) -> Parsed:
         )
     try:
         decoded = _fast_decoder.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return _parse_slowly(dewar_id, payload, now)
     items = decoded if isinstance(decoded, list) else [decoded]
     if len(items) > MAX_BATCH:
@@ -130,9 +142,16 @@ def _parse_slowly(dewar_id: str, payload: bytes, now: datetime) -> Parsed:
         return _reject_all(dewar_id, payload, f"payload is not UTF-8 (byte {exc.start})")
     if text.lstrip().startswith("["):
         try:
-            raw_items = _batch_decoder.decode(text)
+            raw_items = [bytes(raw) for raw in _batch_decoder.decode(text)]
         except msgspec.DecodeError as exc:
             return _reject_all(dewar_id, payload, _describe_json_error(exc, text))
+        except RecursionError:
+            # Some item is too deep for the decoder: find the items without it, so that only
+            # that one is refused.
+            split = _split_array(payload)
+            if split is None:
+                return _reject_all(dewar_id, payload, TOO_DEEP)
+            raw_items = split
         if len(raw_items) > MAX_BATCH:
             return _reject_all(
                 dewar_id, payload, f"batch of {len(raw_items)} readings, over the {MAX_BATCH} limit"
@@ -143,8 +162,7 @@ def _parse_slowly(dewar_id: str, payload: bytes, now: datetime) -> Parsed:
             )
         readings: list[Reading] = []
         rejections: list[Rejection] = []
-        for index, raw in enumerate(raw_items):
-            item = bytes(raw)
+        for index, item in enumerate(raw_items):
             result = _parse_one(item, now)
             if isinstance(result, Reading):
                 readings.append(result)
@@ -165,6 +183,8 @@ def _parse_one(item: bytes, now: datetime) -> Reading | str:
         return "a reading must be a JSON object"
     except msgspec.DecodeError as exc:
         return _describe_json_error(exc, item.decode("utf-8", "replace"))
+    except RecursionError:
+        return TOO_DEEP
     known = b",".join(
         _encoder.encode(k) + b":" + bytes(v) for k, v in fields.items() if k in KNOWN_FIELDS
     )
@@ -173,9 +193,53 @@ def _parse_one(item: bytes, now: datetime) -> Reading | str:
         extra = {k: msgspec.json.decode(v) for k, v in fields.items() if k not in KNOWN_FIELDS}
     except msgspec.ValidationError as exc:
         return _describe_validation_error(exc)
+    except RecursionError:
+        return TOO_DEEP
+    for name, value in extra.items():
+        problem = _unstorable(value)
+        if problem is not None:
+            return f"field `{name[:100]}`: {problem}"
     if extra:
         reading = msgspec.structs.replace(reading, extra=extra)
     return _check_semantics(reading, now) or reading
+
+
+def _unstorable(value: object) -> str | None:
+    """Why an unknown field's value cannot be kept with the reading, or None. Walked without
+    recursion, since the value may be nested up to the decoder's limit."""
+    pending: list[tuple[object, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list) and depth > MAX_DEPTH:
+            return TOO_DEEP
+        if isinstance(item, dict):
+            pending.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            pending.extend((v, depth + 1) for v in item)
+    return None
+
+
+def _split_array(payload: bytes) -> list[bytes] | None:
+    """The items of the JSON array `payload`, found by a scan that keeps a depth count instead
+    of recursing; None if `payload` is not one array. Each item is still decoded on its own."""
+    items: list[bytes] = []
+    depth = 0
+    start = 0
+    for token in _STRUCTURE.finditer(payload):
+        mark = token.group()
+        if mark in (b"[", b"{"):
+            depth += 1
+            if depth == 1:
+                start = token.end()
+        elif mark in (b"]", b"}"):
+            depth -= 1
+            if depth == 0:
+                items.append(payload[start : token.start()].strip())
+                return items if not payload[token.end() :].strip() else None
+        elif mark == b"," and depth == 1:
+            items.append(payload[start : token.start()].strip())
+            start = token.end()
+    return None
 
 
 def _check_semantics(reading: Reading, now: datetime) -> str | None:

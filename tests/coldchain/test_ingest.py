@@ -234,3 +234,57 @@ async def test_readiness_says_not_ready_while_the_broker_is_unreachable(
     assert body["ready"] is False
     assert body["checks"]["database"] == "ok"
     assert body["checks"]["mqtt"].startswith("unavailable")
+
+
+async def dead_letters_of(base: str, database_url: str, dewar: str) -> list[dict[str, object]]:
+    token = await make_token(database_url)
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session,
+        session.get(f"{base}/api/v1/dead-letters", params={"dewar_id": dewar}) as response,
+    ):
+        assert response.status == 200
+        body = await response.json()
+    items: list[dict[str, object]] = body["items"]
+    return items
+
+
+async def test_json_nested_too_deeply_is_dead_lettered_and_ingest_goes_on(
+    database_url: str, mqtt_url: str, unique: str
+) -> None:
+    """Thousands of `[` used to raise RecursionError in the parser: the message was never
+    acknowledged nor dead-lettered, and held an in-flight slot for good."""
+    dewar = f"DW-{unique}"
+    now = datetime.now(UTC).replace(microsecond=0)
+    good = readings(4, start=now - timedelta(minutes=5))
+    deep = b"[" * 4000 + b"]" * 4000
+    deep_temp = b'{"seq": 90, "ts": "' + now.isoformat().encode() + b'", "temp_c": ' + deep + b"}"
+    deep_extra = encode_reading(good[2])[:-1] + b', "probe": ' + deep + b"}"
+    deep_status = (
+        b'{"state": "online", "ts": "' + now.isoformat().encode() + b'", "x": ' + deep + b"}"
+    )
+    messages = [
+        (telemetry_topic(dewar), encode_reading(good[0])),
+        (telemetry_topic(dewar), deep_temp),
+        (telemetry_topic(dewar), b"[" + encode_reading(good[1]) + b"," + deep_extra + b"]"),
+        (status_topic(dewar), deep_status),
+        (telemetry_topic(dewar), encode_batch(good[3:])),
+    ]
+    settings = service_settings(database_url, mqtt_url, f"svc-{unique}")
+    async with running_service(settings) as base:
+        publish_all(mqtt_url, messages, client_id=f"pub-{unique}")
+
+        async def stored() -> int:
+            return await count_rows(
+                database_url, "SELECT count(*) FROM readings WHERE dewar_id = $1", dewar
+            )
+
+        await eventually(stored, lambda n: n >= 3)
+        letters = await eventually(
+            lambda: dead_letters_of(base, database_url, dewar), lambda d: len(d) >= 3
+        )
+    assert await stored() == 3
+    by_topic = {(d["topic"], d["item_index"]): d for d in letters}
+    assert len(letters) == 3 and all("JSON nested too deeply" in str(d["reason"]) for d in letters)
+    assert by_topic[(telemetry_topic(dewar), None)]["payload"] == deep_temp.decode()
+    assert by_topic[(telemetry_topic(dewar), 1)]["payload"] == deep_extra.decode()
+    assert by_topic[(status_topic(dewar), None)]["payload"] == deep_status.decode()

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from sensors import MAX_BATCH, MAX_PAYLOAD_BYTES, Reading, encode_batch, parse_message
+from sensors import MAX_BATCH, MAX_DEPTH, MAX_PAYLOAD_BYTES, Reading, encode_batch, parse_message
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 TOPIC = "coldchain/v1/dewars/DW-0001/telemetry"
@@ -174,3 +174,50 @@ def test_a_batch_round_trips_through_the_encoder() -> None:
     ]
     parsed = parse_message(TOPIC, encode_batch(readings), NOW)
     assert parsed.readings == readings and parsed.rejections == []
+
+
+DEEP = b"[" * 4000 + b"]" * 4000
+GOOD_HEAD = b'{"seq":1,"ts":"2026-11-25T11:59:00Z","temp_c":'
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        GOOD_HEAD + DEEP + b"}",
+        GOOD_HEAD + b'-190,"probe":' + DEEP + b"}",
+        b"[" * 4000,
+        b'[{"seq":1,"ts":"2026-11-25T11:59:00Z","temp_c":-190,"x":' + b"[" * 4000,
+    ],
+    ids=["in temp_c", "in an unknown field", "an unclosed array", "an unclosed batch"],
+)
+def test_json_nested_too_deeply_is_rejected_not_raised(payload: bytes) -> None:
+    parsed = parse_message(TOPIC, payload, NOW)
+    assert parsed.readings == []
+    (rejection,) = parsed.rejections
+    assert "JSON nested too deeply" in rejection.reason
+    assert rejection.raw == payload
+
+
+def test_a_reading_nested_too_deeply_spoils_only_itself_in_a_batch() -> None:
+    deep = GOOD_HEAD + b'-190,"seq":2,"probe":' + DEEP + b"}"
+    payload = b"[" + raw(reading(seq=1)) + b", " + deep + b"," + raw(reading(seq=3)) + b"]"
+    parsed = parse_message(TOPIC, payload, NOW)
+    assert [r.seq for r in parsed.readings] == [1, 3]
+    (rejection,) = parsed.rejections
+    assert rejection.index == 1
+    assert rejection.reason.startswith("reading 1: JSON nested too deeply")
+    assert rejection.raw == deep
+
+
+def test_unknown_fields_may_nest_up_to_the_limit_and_no_deeper() -> None:
+    def nested(levels: int) -> object:
+        value: object = 1
+        for _ in range(levels):
+            value = [value]
+        return value
+
+    ok = parse_message(TOPIC, raw(reading(probe=nested(MAX_DEPTH))), NOW)
+    assert ok.rejections == [] and ok.readings[0].extra == {"probe": nested(MAX_DEPTH)}
+    too_deep = parse_message(TOPIC, raw(reading(probe=nested(MAX_DEPTH + 1))), NOW)
+    assert too_deep.readings == []
+    assert too_deep.rejections[0].reason.startswith("field `probe`: JSON nested too deeply")
