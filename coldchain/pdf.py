@@ -19,6 +19,7 @@ from typing import Final
 
 from fpdf import FPDF
 from fpdf.enums import XPos, YPos
+from fpdf.fonts import FontFace
 
 from coldchain.profiles import Severity
 from coldchain.report import AlarmEntry, LimitSummary, Report, Series, duration_text
@@ -115,7 +116,7 @@ class _Document(FPDF):
     def para(self, text: str, size: float = 8.5, colour: Colour = INK) -> None:
         self.font(size)
         self.set_text_color(*colour)
-        self.multi_cell(0, 4.4, self.text_of(text), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+        self.multi_cell(0, 4.4, self.text_of(text), align="L", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
 
     def grid(
         self,
@@ -124,35 +125,29 @@ class _Document(FPDF):
         widths: Sequence[float],
         colours: Sequence[Colour | None] = (),
     ) -> None:
-        """A table with a heading row; `colours[i]` tints row i's second column."""
+        """A table with a heading row; `colours[i]` sets row i's second column in bold colour."""
         self.font(7.5)
         self.set_text_color(*INK)
         self.set_draw_color(*GRID)
+        self.set_fill_color(255, 255, 255)
         with self.table(
             col_widths=tuple(widths),
             line_height=3.8,
             text_align="LEFT",
             first_row_as_headings=True,
-            headings_style=None,
+            headings_style=FontFace(emphasis="BOLD", color=INK, fill_color=(238, 241, 245)),
             padding=1,
             borders_layout="HORIZONTAL_LINES",
         ) as table:
             head = table.row()
-            self.font(7.5, bold=True)
             for title in header:
                 head.cell(self.text_of(title))
-            self.font(7.5)
             for i, values in enumerate(rows):
                 row = table.row()
+                colour = colours[i] if i < len(colours) else None
                 for j, value in enumerate(values):
-                    colour = colours[i] if i < len(colours) and j == 1 else None
-                    if colour is not None:
-                        self.set_text_color(*colour)
-                        self.font(7.5, bold=True)
-                    row.cell(self.text_of(value))
-                    if colour is not None:
-                        self.set_text_color(*INK)
-                        self.font(7.5)
+                    style = FontFace(emphasis="BOLD", color=colour) if colour and j == 1 else None
+                    row.cell(self.text_of(value), style=style)
 
 
 def _verdict_box(pdf: _Document, report: Report) -> None:
@@ -213,7 +208,7 @@ def _facts(pdf: _Document, r: Report) -> None:
             pdf.font(8)
             pdf.set_text_color(*INK)
             pdf.multi_cell(
-                column - 29, 4.4, pdf.text_of(value), new_x=XPos.LMARGIN, new_y=YPos.NEXT
+                column - 29, 4.4, pdf.text_of(value), align="L", new_x=XPos.LMARGIN, new_y=YPos.NEXT
             )
         if offset == 0.0:
             bottom = pdf.get_y()
@@ -243,9 +238,9 @@ def _chart(
     height: float = 62,
 ) -> None:
     """A time-series plot: axes, grid, shaded windows, dashed limit lines, the series."""
-    if pdf.get_y() + height + 12 > pdf.h - 16:
+    if pdf.get_y() + height + 17 > pdf.h - 16:
         pdf.add_page()
-    x0, y0 = pdf.l_margin + 12, pdf.get_y() + 2
+    x0, y0 = pdf.l_margin + 12, pdf.get_y() + 7
     w = pdf.w - pdf.r_margin - x0 - 22
     h = height
     t0, t1 = start.timestamp(), max(end.timestamp(), start.timestamp() + 60)
@@ -460,7 +455,7 @@ def render(report: Report) -> bytes:
     pdf.grid(
         ["Rule", "Severity", "Limit", "Time beyond", "Longest", "Stretches", "Worst", "Alarms"],
         rows,
-        (30, 16, 44, 22, 20, 15, 15, 14),
+        (40, 16, 36, 20, 18, 17, 21, 14),
         colours,
     )
     pdf.para(

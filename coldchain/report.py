@@ -44,11 +44,11 @@ PLOT_POINTS: Final = 1500
 
 
 _UNITS: Final = {
-    Metric.TEMP_C: "°C",
-    Metric.LN2_LEVEL_PCT: "%",
+    Metric.TEMP_C: " °C",
+    Metric.LN2_LEVEL_PCT: " %",
     Metric.TILT_DEG: "°",
     Metric.SHOCK_G: " g",
-    Metric.BATTERY_PCT: "%",
+    Metric.BATTERY_PCT: " %",
     Metric.LID_OPEN: "",
 }
 
@@ -233,7 +233,8 @@ def frame(readings_csv: bytes) -> pd.DataFrame:
         },
     )
     stamps = pd.to_datetime(df["ts"], utc=True, format="ISO8601")
-    df["t"] = stamps.astype("int64").to_numpy(dtype=np.float64) / 1e9
+    # Whatever resolution pandas parsed to (ns or µs), seconds since the epoch.
+    df["t"] = (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
     df["lid_open"] = df["lid_open"].map({"t": 1.0, "f": 0.0}).astype("float64")
     return df
 
@@ -272,7 +273,7 @@ def mkt_applies(profile: Profile) -> bool:
 
 
 def condition(limit: Limit) -> str:
-    """A limit in words: `> -150 °C for 5 min`, `< 20 % `, `open for 2 min`."""
+    """A limit in words: `> -150 °C for 5 min`, `< 20 %`, `lid open for 2 min`."""
     if limit.metric is Metric.LID_OPEN:
         text = "lid open"
     else:
@@ -479,11 +480,12 @@ def verdict(
         (lim for lim in temperature_limits if lim.beyond_s > 0),
         key=lambda lim: (lim.severity.rank, lim.beyond_s),
     )
+    sign = ">" if worst.direction == Direction.ABOVE else "<"
     pct = temperature.in_range_pct
-    share = f" ({100 - pct:.1f} % of monitored time)" if pct is not None else ""
+    share = f", {100 - pct:.1f} % of monitored time" if pct is not None else ""
     return (
-        f"TEMPERATURE EXCURSION: {worst.condition.split(' for ')[0]} for "
-        f"{duration_text(worst.beyond_s)} in all ({worst.severity}){share}." + tail
+        f"TEMPERATURE EXCURSION: {sign} {worst.threshold:g} °C for "
+        f"{duration_text(worst.beyond_s)} in all{share}; highest severity {worst.severity}." + tail
     )
 
 
