@@ -3,9 +3,12 @@
 Every change of an alarm is written, in the transaction of the change, as one outbox row per
 destination (`notifications`). The dispatcher wakes as soon as a change is written (or once a
 second, for changes written by another instance), claims the rows that are due, and delivers
-them concurrently. A delivery that fails is retried with exponential backoff up to
-`RETRY_CAP`, indefinitely for critical alarms and for a day otherwise; every attempt, good or bad,
-is logged in `delivery_attempts`. A receiver that was down gets everything once it is back.
+each as a task of its own: up to `MAX_CONCURRENT` in flight, at most `PER_RECIPIENT` of them to
+any one webhook or mailbox, so a receiver that hangs until its timeout holds up only its own
+deliveries; the loop goes on claiming newly due rows while slow ones run. A delivery that fails
+is retried with exponential backoff up to `RETRY_CAP`, indefinitely for critical alarms and for a
+day otherwise; every attempt, good or bad, is logged in `delivery_attempts`. A receiver that was
+down gets everything once it is back.
 
 Webhooks get the alert object as JSON with `X-Coldchain-Signature: sha256=<hex HMAC-SHA256 of
 the body with the recipient's secret>` and `X-Coldchain-Delivery: <outbox id>` (the same on every
@@ -16,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
 import smtplib
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from typing import Final
@@ -43,6 +48,7 @@ RETRY_CAP: Final = timedelta(seconds=15)
 GIVE_UP_AFTER: Final = timedelta(days=1)
 WEBHOOK_TIMEOUT_S: Final = 5.0
 MAX_CONCURRENT: Final = 32
+PER_RECIPIENT: Final = 4  # in flight to one webhook or mailbox; the alert topic is not capped
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -68,7 +74,8 @@ class Dispatcher:
         self._smtp_url = smtp_url
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
-        self._limit = asyncio.Semaphore(MAX_CONCURRENT)
+        self._in_flight: dict[int, asyncio.Task[None]] = {}  # notification id -> its delivery
+        self._busy: Counter[int] = Counter()  # recipient id -> its deliveries in flight
         self._sent = registry.counter(
             "coldchain_notifications_sent_total", "Alarm notifications delivered"
         )
@@ -88,37 +95,73 @@ class Dispatcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 1.0)
                 self._wake.clear()
+                free = MAX_CONCURRENT - len(self._in_flight)
+                if free <= 0:
+                    continue  # a delivery that ends wakes the loop
                 try:
-                    due = await self._store.due_notifications(datetime.now(UTC))
+                    due = await self._store.due_notifications(
+                        datetime.now(UTC),
+                        free,
+                        in_flight=list(self._in_flight),
+                        busy=dict(self._busy),
+                        per_recipient=PER_RECIPIENT,
+                    )
                 except StoreUnavailable as exc:
                     logger.warning("cannot read the notification outbox: %s", exc)
                     await asyncio.sleep(1.0)
                     continue
-                if due:
-                    await asyncio.gather(*(self._deliver(n) for n in due))
+                for n in due:
+                    self._start(n)
+                if len(due) == free:
                     self._wake.set()  # there may be more due
         finally:
+            await self._stop_deliveries()
             await self._session.close()
 
+    def _start(self, n: Notification) -> None:
+        task = asyncio.create_task(self._deliver(n), name=f"notification-{n.id}")
+        self._in_flight[n.id] = task
+        if n.recipient is not None:
+            self._busy[n.recipient.id] += 1
+        task.add_done_callback(functools.partial(self._finished, n))
+
+    def _finished(self, n: Notification, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(n.id, None)
+        if n.recipient is not None:
+            self._busy[n.recipient.id] -= 1
+            if self._busy[n.recipient.id] <= 0:
+                del self._busy[n.recipient.id]
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Not recorded either way: its claim runs out and it is tried again.
+            logger.error("delivering notification %d crashed", n.id, exc_info=exc)
+        self._wake.set()  # a slot is free, and a recipient may no longer be busy
+
+    async def _stop_deliveries(self) -> None:
+        """Cancel what is still in flight and wait for it. A cancelled delivery is not recorded
+        as sent; its claim runs out and it is sent again (at least once, never lost)."""
+        tasks = list(self._in_flight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _deliver(self, n: Notification) -> None:
-        async with self._limit:
-            started = time.perf_counter()
-            try:
-                detail = await self._send(n)
-            except DeliveryError as exc:
-                await self._failure(n, str(exc), started, final=exc.final)
-                return
-            except (aiohttp.ClientError, OSError, TimeoutError, smtplib.SMTPException) as exc:
-                await self._failure(n, f"{type(exc).__name__}: {exc}", started, final=False)
-                return
-            elapsed = (time.perf_counter() - started) * 1000
-            self._sent.inc()
-            try:
-                await self._store.delivered(n.id, detail, elapsed)
-            except StoreUnavailable:
-                # Sent but not recorded: it will be sent again once the database is back; the
-                # receiver recognises the repeat by X-Coldchain-Delivery.
-                logger.warning("notification %d sent but not recorded as sent", n.id)
+        started = time.perf_counter()
+        try:
+            detail = await self._send(n)
+        except DeliveryError as exc:
+            await self._failure(n, str(exc), started, final=exc.final)
+            return
+        except (aiohttp.ClientError, OSError, TimeoutError, smtplib.SMTPException) as exc:
+            await self._failure(n, f"{type(exc).__name__}: {exc}", started, final=False)
+            return
+        elapsed = (time.perf_counter() - started) * 1000
+        self._sent.inc()
+        try:
+            await self._store.delivered(n.id, detail, elapsed)
+        except StoreUnavailable:
+            # Sent but not recorded: it will be sent again once the database is back; the
+            # receiver recognises the repeat by X-Coldchain-Delivery.
+            logger.warning("notification %d sent but not recorded as sent", n.id)
 
     async def _failure(self, n: Notification, error: str, started: float, *, final: bool) -> None:
         elapsed = (time.perf_counter() - started) * 1000

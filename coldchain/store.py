@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -1633,17 +1633,43 @@ class Store(ShipmentStore):
 
     # Outbox ----------------------------------------------------------------------------------
 
-    async def due_notifications(self, now: datetime, limit: int = 100) -> list[Notification]:
+    async def due_notifications(
+        self,
+        now: datetime,
+        limit: int = 100,
+        *,
+        in_flight: Sequence[int] = (),
+        busy: Mapping[int, int] | None = None,
+        per_recipient: int = 1_000_000,
+    ) -> list[Notification]:
         """Pending notifications whose time has come, claimed for a minute so that another
-        instance does not send them at the same time."""
+        instance does not send them at the same time. Not those `in_flight` here already, and
+        no more for one recipient than `per_recipient` less its deliveries in flight (`busy`),
+        so that a receiver that hangs cannot take every slot; the alert topic is not capped."""
+        busy = busy or {}
         async with self._connection() as conn, conn.transaction():
             rows = await conn.fetch(
-                "UPDATE notifications SET next_attempt_at = $1 + interval '60 seconds'"
-                " WHERE id IN (SELECT id FROM notifications WHERE status = 'pending'"
-                " AND next_attempt_at <= $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)"
+                "WITH busy AS"
+                " (SELECT * FROM unnest($3::bigint[], $4::int[]) AS b (recipient_id, n)),"
+                " candidates AS (SELECT id, recipient_id FROM notifications"
+                " WHERE status = 'pending' AND next_attempt_at <= $1"
+                " AND NOT id = ANY($5::bigint[])"
+                " AND (recipient_id IS NULL OR recipient_id NOT IN"
+                " (SELECT recipient_id FROM busy WHERE n >= $6))"
+                " ORDER BY id LIMIT $7 FOR UPDATE SKIP LOCKED),"
+                " ranked AS (SELECT c.id, c.recipient_id IS NULL OR coalesce(b.n, 0)"
+                " + row_number() OVER (PARTITION BY c.recipient_id ORDER BY c.id) <= $6 AS fits"
+                " FROM candidates c LEFT JOIN busy b USING (recipient_id))"
+                " UPDATE notifications SET next_attempt_at = $1 + interval '60 seconds'"
+                " WHERE id IN (SELECT id FROM ranked WHERE fits ORDER BY id LIMIT $2)"
                 " RETURNING *",
                 now,
                 limit,
+                list(busy),
+                list(busy.values()),
+                list(in_flight),
+                per_recipient,
+                max(limit * 10, 500),
             )
             ids = {r["recipient_id"] for r in rows if r["recipient_id"] is not None}
             recipients = {}

@@ -5,10 +5,12 @@ people can follow; backlogs, restarts, escalation and a receiver that was down."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -23,10 +25,13 @@ from aiohttp import web
 from aiosmtpd.controller import Controller
 from paho.mqtt.enums import CallbackAPIVersion
 
-from coldchain.auth import Role
+from coldchain.alarms import Channel, Recipient
+from coldchain.auth import Actor, Role
 from coldchain.embedded import free_port
+from coldchain.profiles import Severity
 from coldchain.settings import MqttAddress, Settings
-from coldchain.store import Store
+from coldchain.shipments import Shipment, Status
+from coldchain.store import Store, Transition
 from routing import example_network
 from sensors import Reading, encode_batch, encode_reading, telemetry_topic
 from tests.support import eventually, make_token, publish_all, running_service, service_settings
@@ -61,6 +66,23 @@ class Receiver:
             return web.Response(status=401)
         self.deliveries.append(request.headers["X-Coldchain-Delivery"])
         self.received.append(json.loads(body))
+        return web.Response(status=204)
+
+
+@dataclass
+class HangingReceiver:
+    """A webhook endpoint that accepts the connection and then answers nothing until released:
+    longer than the service's webhook timeout."""
+
+    url: str = ""
+    deliveries: list[str] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.deliveries.append(request.headers["X-Coldchain-Delivery"])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.release.wait(), 60)
         return web.Response(status=204)
 
 
@@ -197,7 +219,7 @@ def mailbox() -> Iterator[Mailbox]:
     box.controller.stop()
 
 
-async def _start_receiver(receiver: Receiver) -> web.AppRunner:
+async def _start_receiver(receiver: Receiver | HangingReceiver) -> web.AppRunner:
     app = web.Application()
     app.router.add_post("/hook", receiver.handle)
     runner = web.AppRunner(app)
@@ -605,3 +627,128 @@ async def test_a_webhook_receiver_down_for_two_minutes_gets_every_alarm_when_bac
         webhook_deliveries, lambda h: bool(h) and all(d["state"] == "sent" for d in h), within=60
     )
     assert max(d["attempts"] for d in hook) >= 5
+
+
+async def test_a_webhook_that_hangs_does_not_hold_up_the_other_channels(env: Env) -> None:
+    stuck = HangingReceiver()
+    runner = await _start_receiver(stuck)
+    try:
+        status, _ = await env.call(
+            "POST",
+            "/api/v1/recipients",
+            {
+                "name": "stuck receiver",
+                "channel": "webhook",
+                "address": stuck.url,
+                "secret": SECRET,
+                "min_severity": "info",
+            },
+        )
+        assert status == 201
+        first, second = f"DW-H{env.unique}", f"DW-I{env.unique}"
+        sid1, sid2 = await env.shipment(first), await env.shipment(second)
+        at = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=2)
+        env.publish(first, [Reading(seq=1, ts=at, temp_c=-190.0, shock_g=25.0)])
+        # The stuck receiver has the first alarm and holds the delivery open (5 s timeout).
+        await eventually(lambda: _now(stuck.deliveries), bool)
+        hung_at = time.monotonic()
+
+        env.publish(second, [Reading(seq=1, ts=at, temp_c=-190.0, shock_g=25.0)])
+        await eventually(lambda: _now(env.alerts.of(sid2)), bool, within=10)
+        await eventually(
+            lambda: _now([a for a in env.receiver.received if a["shipment_id"] == sid2]),
+            bool,
+            within=10,
+        )
+        # Well before the stuck delivery's timeout (5 s), not after it.
+        assert time.monotonic() - hung_at < 2.0
+
+        # The stuck delivery times out, is logged, and is tried again.
+        first_alarm = (await env.alarms(sid1))[0]
+
+        async def stuck_deliveries() -> list[dict[str, Any]]:
+            _, detail = await env.call("GET", f"/api/v1/alarms/{first_alarm['id']}")
+            return [d for d in detail["deliveries"] if d["recipient"] == "stuck receiver"]
+
+        logged = await eventually(
+            stuck_deliveries, lambda d: bool(d) and d[0]["attempts"] >= 1, within=15
+        )
+        assert "Timeout" in (logged[0]["last_detail"] or "")
+        await eventually(lambda: _now(stuck.deliveries), lambda d: len(d) > len(set(d)), within=15)
+    finally:
+        stuck.release.set()
+        await runner.cleanup()
+
+
+async def test_the_outbox_claims_no_more_than_four_at_a_time_for_one_recipient(
+    database_url: str,
+) -> None:
+    store = await Store.open(database_url)
+    try:
+        await store.migrate()
+        await store.import_sites(list(example_network().sites.values()), "test")
+        now = datetime.now(UTC)
+        shipment = await store.create_shipment(
+            Shipment(
+                id="SH-CLAIMS",
+                dewar_id="DW-CLAIMS",
+                profile="cryo-vapor",
+                origin="MFG-MPN",
+                destination="TC-NKI",
+                deliver_by=now + timedelta(days=4),
+                planned_departure=None,
+                chain_of_identity=None,
+                status=Status.CREATED,
+                created_at=now,
+                created_by="test",
+                starts_at=now,
+                ends_at=None,
+            ),
+            Actor(0, "test", Role.ADMIN),
+        )
+        hooks = [
+            await store.add_recipient(
+                Recipient(
+                    id=0,
+                    name=name,
+                    channel=Channel.WEBHOOK,
+                    address=f"http://127.0.0.1:9/{name}",
+                    secret=SECRET,
+                    min_severity=Severity.INFO,
+                    site_id=None,
+                    shipment_id=None,
+                    tier=0,
+                    quiet_from=None,
+                    quiet_until=None,
+                    tz="UTC",
+                    active=True,
+                ),
+                "test",
+            )
+            for name in ("slow", "healthy")
+        ]
+        slow, healthy = (h.id for h in hooks)
+        await store.apply_transitions(
+            shipment,
+            [
+                Transition(f"shock:{i}", "shock", Severity.WARNING, "raised", now, now, 25, 10, "")
+                for i in range(6)
+            ],
+        )
+
+        def count(claimed: list[Any]) -> dict[int | None, int]:
+            counts: dict[int | None, int] = {}
+            for n in claimed:
+                key = n.recipient.id if n.recipient else None
+                counts[key] = counts.get(key, 0) + 1
+            return counts
+
+        # The slow receiver has four deliveries in flight already: none more for it.
+        due = datetime.now(UTC)
+        first = await store.due_notifications(due, 100, busy={slow: 4}, per_recipient=4)
+        assert count(first) == {None: 6, healthy: 4}
+        second = await store.due_notifications(due, 100, per_recipient=4)
+        assert count(second) == {slow: 4, healthy: 2}
+        assert not {n.id for n in first} & {n.id for n in second}
+    finally:
+        await store.close()
