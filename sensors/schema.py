@@ -9,13 +9,18 @@ never costs its neighbours and the reason names the reading and the field.
 Unknown fields may nest arrays and objects at most `MAX_DEPTH` levels deep. A message nested far
 deeper than that (thousands of `[`) is beyond msgspec's recursion limit; it is refused as "JSON
 nested too deeply" like any other bad input, and in a batch only the reading that holds it is.
+
+Two more bounds keep every accepted reading storable, so that it never takes its batch with it
+when PostgreSQL refuses it: `ts` is not before `MIN_TS` (2000-01-01T00:00:00Z; earlier is a clock
+that was never set, and a year-1 time with a positive offset is not even a valid UTC instant),
+and no text in an unknown field, key or value, holds NUL (U+0000), which jsonb cannot store.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final
 
 import msgspec
@@ -26,6 +31,7 @@ from sensors.topics import dewar_id_of
 MAX_PAYLOAD_BYTES: Final = 256 * 1024
 MAX_BATCH: Final = 1000
 MAX_CLOCK_SKEW: Final = timedelta(minutes=5)
+MIN_TS: Final = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_DEPTH: Final = 32
 """Levels of arrays and objects an unknown field may nest; the reading itself is not counted."""
 
@@ -66,6 +72,7 @@ _object_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _reading_decoder: Final = msgspec.json.Decoder(Reading)
 _encoder: Final = msgspec.json.Encoder()
 
+NUL_TEXT: Final = "text may not contain NUL (\\u0000)"
 TOO_DEEP: Final = f"JSON nested too deeply (arrays and objects at most {MAX_DEPTH} levels deep)"
 # What a JSON array's items are split on when the decoder cannot descend into one of them:
 # strings (skipped whole, escapes included), brackets, braces and commas.
@@ -196,6 +203,8 @@ def _parse_one(item: bytes, now: datetime) -> Reading | str:
     except RecursionError:
         return TOO_DEEP
     for name, value in extra.items():
+        if "\x00" in name:
+            return f"a field name: {NUL_TEXT}"
         problem = _unstorable(value)
         if problem is not None:
             return f"field `{name[:100]}`: {problem}"
@@ -205,14 +214,19 @@ def _parse_one(item: bytes, now: datetime) -> Reading | str:
 
 
 def _unstorable(value: object) -> str | None:
-    """Why an unknown field's value cannot be kept with the reading, or None. Walked without
-    recursion, since the value may be nested up to the decoder's limit."""
+    """Why an unknown field's value cannot be stored with the reading (too deep, or text with
+    NUL), or None. Walked without recursion, since it may be nested up to the decoder's limit."""
     pending: list[tuple[object, int]] = [(value, 1)]
     while pending:
         item, depth = pending.pop()
-        if isinstance(item, dict | list) and depth > MAX_DEPTH:
+        if isinstance(item, str):
+            if "\x00" in item:
+                return NUL_TEXT
+        elif isinstance(item, dict | list) and depth > MAX_DEPTH:
             return TOO_DEEP
         if isinstance(item, dict):
+            if any("\x00" in k for k in item):
+                return NUL_TEXT
             pending.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, list):
             pending.extend((v, depth + 1) for v in item)
@@ -243,9 +257,14 @@ def _split_array(payload: bytes) -> list[bytes] | None:
 
 
 def _check_semantics(reading: Reading, now: datetime) -> str | None:
-    """Rules a type cannot say: position comes in pairs, the clock is not from the future."""
+    """Rules a type cannot say: position comes in pairs, the clock is neither from the future
+    nor unset."""
     if (reading.lat is None) != (reading.lon is None):
         return "lat and lon come together: give both or neither"
+    if reading.ts < MIN_TS:
+        return (
+            f"ts {reading.ts.isoformat()} is before 2000-01-01T00:00:00Z: is the device clock set?"
+        )
     if reading.ts - now > MAX_CLOCK_SKEW:
         ahead = (reading.ts - now).total_seconds()
         return (

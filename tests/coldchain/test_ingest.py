@@ -288,3 +288,50 @@ async def test_json_nested_too_deeply_is_dead_lettered_and_ingest_goes_on(
     assert by_topic[(telemetry_topic(dewar), None)]["payload"] == deep_temp.decode()
     assert by_topic[(telemetry_topic(dewar), 1)]["payload"] == deep_extra.decode()
     assert by_topic[(status_topic(dewar), None)]["payload"] == deep_status.decode()
+
+
+async def test_a_reading_the_database_cannot_hold_spoils_only_itself_in_a_batch(
+    database_url: str, mqtt_url: str, unique: str
+) -> None:
+    """A NUL in an unknown field (jsonb refuses it) or a year-1 `ts` (asyncpg cannot encode it)
+    used to pass the schema and then fail the whole batch's write, dead-lettering its good
+    readings with it."""
+    dewar = f"DW-{unique}"
+    now = datetime.now(UTC).replace(microsecond=0)
+    good = readings(3, start=now - timedelta(minutes=5))
+    nul = json.dumps({"seq": 50, "ts": now.isoformat(), "temp_c": -190, "note": "a\u0000b"})
+    year_one = json.dumps({"seq": 51, "ts": "0001-01-01T00:00:00+01:00", "temp_c": -190})
+    batch = b"[" + b",".join([encode_reading(good[0]), nul.encode(), year_one.encode()]) + b"]"
+    fast_batch = b"[" + encode_reading(good[1]) + b"," + year_one.encode() + b"]"
+    messages = [
+        (telemetry_topic(dewar), batch),
+        (telemetry_topic(dewar), fast_batch),
+        (telemetry_topic(dewar), encode_reading(good[2])),
+    ]
+    settings = service_settings(database_url, mqtt_url, f"svc-{unique}")
+    async with running_service(settings) as base:
+        publish_all(mqtt_url, messages, client_id=f"pub-{unique}")
+
+        async def stored() -> int:
+            return await count_rows(
+                database_url, "SELECT count(*) FROM readings WHERE dewar_id = $1", dewar
+            )
+
+        await eventually(stored, lambda n: n >= 3)
+        letters = await eventually(
+            lambda: dead_letters_of(base, database_url, dewar), lambda d: len(d) >= 3
+        )
+    assert await stored() == 3
+    reasons = sorted((str(d["reason"]), d["item_index"]) for d in letters)
+    assert reasons == [
+        ("reading 1: field `note`: text may not contain NUL (\\u0000)", 1),
+        (
+            "reading 2: ts 0001-01-01T00:00:00+01:00 is before 2000-01-01T00:00:00Z: "
+            "is the device clock set?",
+            2,
+        ),
+        (
+            "ts 0001-01-01T00:00:00+01:00 is before 2000-01-01T00:00:00Z: is the device clock set?",
+            1,
+        ),
+    ]

@@ -221,3 +221,55 @@ def test_unknown_fields_may_nest_up_to_the_limit_and_no_deeper() -> None:
     too_deep = parse_message(TOPIC, raw(reading(probe=nested(MAX_DEPTH + 1))), NOW)
     assert too_deep.readings == []
     assert too_deep.rejections[0].reason.startswith("field `probe`: JSON nested too deeply")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"note": "a\u0000b"},
+        {"probe": {"id": 3, "labels": ["ok", "\u0000"]}},
+        {"probe": {"bad\u0000key": 1}},
+        {"bad\u0000name": 1},
+    ],
+    ids=["a string", "a string in a list", "a key inside", "a field name"],
+)
+def test_text_with_nul_is_refused_since_postgresql_cannot_store_it(
+    extra: dict[str, object],
+) -> None:
+    parsed = parse_message(TOPIC, raw(reading(**extra)), NOW)
+    assert parsed.readings == []
+    (rejection,) = parsed.rejections
+    assert "may not contain NUL (\\u0000)" in rejection.reason
+    assert "\x00" not in rejection.reason
+
+
+@pytest.mark.parametrize(
+    "ts", ["0001-01-01T00:00:00+01:00", "1999-12-31T23:59:59Z", "2000-01-01T00:30:00+01:00"]
+)
+def test_a_ts_before_2000_is_refused(ts: str) -> None:
+    for payload in (raw(reading(ts=ts)), raw(reading(ts=ts, note="slow path"))):
+        parsed = parse_message(TOPIC, payload, NOW)
+        assert parsed.readings == []
+        assert "is before 2000-01-01T00:00:00Z" in parsed.rejections[0].reason
+
+
+def test_a_ts_at_2000_is_accepted() -> None:
+    assert len(parse_message(TOPIC, raw(reading(ts="2000-01-01T00:00:00Z")), NOW).readings) == 1
+
+
+def test_unstorable_readings_spoil_only_themselves_in_a_batch() -> None:
+    items = [
+        reading(seq=1),
+        reading(seq=2, note="\u0000"),
+        reading(seq=3, ts="0001-01-01T00:00:00+01:00"),
+        reading(seq=4),
+    ]
+    parsed = parse_message(TOPIC, raw(items), NOW)
+    assert [r.seq for r in parsed.readings] == [1, 4]
+    assert [j.index for j in parsed.rejections] == [1, 2]
+    assert (
+        parsed.rejections[0].reason == "reading 1: field `note`: text may not contain NUL (\\u0000)"
+    )
+    assert parsed.rejections[1].reason.startswith(
+        "reading 2: ts 0001-01-01T00:00:00+01:00 is before"
+    )
