@@ -556,6 +556,11 @@ async def add_recipient(request: web.Request) -> web.Response:
         raise BadRequest("quiet_from and quiet_until come together")
     if body.channel == "webhook" and not body.address.startswith(("http://", "https://")):
         raise BadRequest("a webhook address is an http:// or https:// URL")
+    if body.channel == "webhook" and body.secret is None:
+        raise BadRequest(
+            "a webhook needs a secret (16 to 200 characters): every delivery is signed with it "
+            "(X-Coldchain-Signature), so the receiver can tell it came from coldchain"
+        )
     if body.channel == "email" and "@" not in body.address:
         raise BadRequest("an e-mail address needs an @")
     added = await request.app[keys.STORE].add_recipient(

@@ -309,7 +309,17 @@ class RecipientIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: Annotated[str, Meta(min_length=1, max_length=100)]
     channel: Annotated[str, Meta(pattern="^(email|webhook)$")]
     address: Annotated[str, Meta(min_length=3, max_length=2000)]
-    secret: Annotated[str, Meta(min_length=16, max_length=200)] | None = None
+    secret: (
+        Annotated[
+            str,
+            Meta(
+                min_length=16,
+                max_length=200,
+                description="Required for webhooks: the key of their X-Coldchain-Signature HMAC",
+            ),
+        ]
+        | None
+    ) = None
     min_severity: Annotated[str, Meta(pattern="^(info|warning|major|critical)$")] = "warning"
     site_id: Id | None = None
     shipment_id: Id | None = None

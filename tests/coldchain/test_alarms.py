@@ -629,6 +629,17 @@ async def test_a_webhook_receiver_down_for_two_minutes_gets_every_alarm_when_bac
     assert max(d["attempts"] for d in hook) >= 5
 
 
+async def test_a_webhook_recipient_without_a_secret_is_refused(env: Env) -> None:
+    hook = {"name": "unsigned", "channel": "webhook", "address": env.receiver.url}
+    status, reply = await env.call("POST", "/api/v1/recipients", hook)
+    assert status == 400 and "needs a secret" in reply["error"]["message"]
+    status, reply = await env.call("POST", "/api/v1/recipients", {**hook, "secret": "short"})
+    assert status == 400 and "secret" in reply["error"]["message"]
+    _, listed = await env.call("GET", "/api/v1/recipients")
+    assert "unsigned" not in [r["name"] for r in listed["items"]]
+    assert all(r["has_secret"] for r in listed["items"] if r["channel"] == "webhook")
+
+
 async def test_a_webhook_that_hangs_does_not_hold_up_the_other_channels(env: Env) -> None:
     stuck = HangingReceiver()
     runner = await _start_receiver(stuck)
