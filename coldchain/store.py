@@ -229,8 +229,12 @@ class TelemetryStore:
                 yield conn
         except _TRANSIENT as exc:
             raise StoreUnavailable(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}") from exc
-        except asyncpg.exceptions.CharacterNotInRepertoireError as exc:
-            # Text PostgreSQL cannot hold (a NUL character): the caller's input, not our fault.
+        except (
+            asyncpg.exceptions.CharacterNotInRepertoireError,
+            asyncpg.exceptions.UntranslatableCharacterError,
+        ) as exc:
+            # Text PostgreSQL cannot hold (a NUL character, in text or inside jsonb): the
+            # caller's input, not our fault.
             raise BadRequest("text with a NUL character cannot be stored or searched") from exc
 
     async def ping(self) -> None:
@@ -1183,6 +1187,7 @@ class Notification:
     body: dict[str, Any]
     attempts: int
     created_at: datetime
+    status: str = "pending"  # pending (to send, or to try again) | sent | failed (given up)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1757,6 +1762,7 @@ class Store(ShipmentStore):
                     r["body"],
                     r["attempts"],
                     r["created_at"],
+                    r["status"],
                 ),
                 by_notification.get(r["id"], []),
             )

@@ -435,6 +435,21 @@ async def test_built_in_profiles_exist_and_admins_add_their_own(api: Api) -> Non
     assert status == 201
 
 
+async def test_a_profile_with_nul_in_its_text_is_refused_with_a_400(api: Api) -> None:
+    """jsonb cannot hold NUL (SQLSTATE 22P05): that is the caller's input, not a 500."""
+    _, listed = await api.call("GET", "/api/v1/profiles", as_="viewer")
+    cryo = next(p["profile"] for p in listed["items"] if p["profile"]["name"] == "cryo-vapor")
+    in_description = dict(cryo, name="with-nul", description="a\u0000b")
+    in_message = dict(cryo, name="with-nul")
+    in_message["limits"] = [dict(cryo["limits"][0], message="warm\u0000")] + cryo["limits"][1:]
+    for body in (in_description, in_message):
+        status, reply = await api.call("PUT", "/api/v1/profiles/with-nul", body=body)
+        assert status == 400, reply
+        assert reply["error"]["code"] == "bad_request" and "NUL" in reply["error"]["message"]
+    _, listed = await api.call("GET", "/api/v1/profiles", as_="viewer")
+    assert "with-nul" not in {p["profile"]["name"] for p in listed["items"]}
+
+
 async def test_sites_are_listed_and_filtered(api: Api) -> None:
     _, all_sites = await api.call("GET", "/api/v1/sites", as_="viewer")
     _, centres = await api.call("GET", "/api/v1/sites?kind=treatment_center", as_="viewer")
