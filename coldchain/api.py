@@ -71,7 +71,7 @@ from coldchain.shipments import (
     Status,
     new_shipment_id,
 )
-from coldchain.store import IncomingReading, StoredDeadLetter
+from coldchain.store import IncomingReading, Notification, StoredDeadLetter
 from coldchain.watch import live_alarm
 from routing import PlanRequestError, SiteKind, plan_request_from_dict, plan_result_to_dict
 
@@ -439,6 +439,7 @@ async def get_alarm(request: web.Request) -> web.Response:
     store = request.app[keys.STORE]
     alarm, changes = await store.alarm(_alarm_id(request))
     deliveries = []
+    now = datetime.now(UTC)
     for n, attempts in await store.delivery_log(alarm.id):
         last = attempts[-1] if attempts else None
         deliveries.append(
@@ -446,9 +447,7 @@ async def get_alarm(request: web.Request) -> web.Response:
                 id=n.id,
                 channel=str(n.channel),
                 recipient=n.recipient.name if n.recipient else None,
-                state="sent"
-                if last is not None and last.ok
-                else ("retrying" if attempts else "pending"),
+                state=_delivery_state(n, now),
                 attempts=len(attempts),
                 last_attempt_at=last.at if last else None,
                 last_detail=last.detail if last else None,
@@ -472,6 +471,21 @@ async def get_alarm(request: web.Request) -> web.Response:
             deliveries,
         )
     )
+
+
+def _delivery_state(n: Notification, now: datetime) -> str:
+    """sent, failed (given up: the last attempt says why), retrying, held (by the recipient's
+    quiet hours), or pending (about to go)."""
+    if n.status in ("sent", "failed"):
+        return n.status
+    if n.attempts:
+        return "retrying"
+    held_until = (
+        n.recipient.quiet_until_instant(Severity(n.body["severity"]), n.created_at)
+        if n.recipient is not None
+        else None
+    )
+    return "held" if held_until is not None and held_until > now else "pending"
 
 
 @routes.post("/api/v1/alarms/{alarm_id}/ack")

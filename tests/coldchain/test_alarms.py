@@ -579,6 +579,10 @@ async def test_quiet_hours_hold_warnings_but_never_a_critical_alarm(env: Env) ->
         )
         await asyncio.sleep(1.0)
         assert not any(a["rule"] == "shock" for a in quiet.received)
+        shock_id = next(a["id"] for a in await env.alarms(sid) if a["rule"] == "shock")
+        _, detail = await env.call("GET", f"/api/v1/alarms/{shock_id}")
+        held = [d for d in detail["deliveries"] if d["recipient"] == "sleeping engineer"]
+        assert [d["state"] for d in held] == ["held"]
     finally:
         await runner.cleanup()
 
@@ -627,6 +631,63 @@ async def test_a_webhook_receiver_down_for_two_minutes_gets_every_alarm_when_bac
         webhook_deliveries, lambda h: bool(h) and all(d["state"] == "sent" for d in h), within=60
     )
     assert max(d["attempts"] for d in hook) >= 5
+
+
+async def test_a_delivery_given_up_shows_as_failed_with_its_reason(
+    database_url: str, mqtt_url: str, unique: str, receiver: Receiver, mailbox: Mailbox
+) -> None:
+    store = await _prepare(database_url, receiver, mailbox)
+    admin = await make_token(database_url, Role.ADMIN)
+    alerts = AlertListener(mqtt_url, f"alerts-{unique}")
+    settings = service_settings(database_url, mqtt_url, f"svc-{unique}")  # no mail server
+    try:
+        async with (
+            running_service(settings) as base,
+            aiohttp.ClientSession() as session,
+        ):
+            env = Env(
+                base,
+                store,
+                database_url,
+                mqtt_url,
+                receiver,
+                mailbox,
+                alerts,
+                {"admin": admin},
+                session,
+                unique,
+            )
+            duty = {
+                "name": "duty logistics",
+                "channel": "email",
+                "address": "duty@example.org",
+                "min_severity": "warning",
+            }
+            assert (await env.call("POST", "/api/v1/recipients", duty))[0] == 201
+            dewar = f"DW-F{unique}"
+            sid = await env.shipment(dewar)
+            at = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=2)
+            env.publish(dewar, [Reading(seq=1, ts=at, temp_c=-190.0, shock_g=25.0)])
+            alarms = await eventually(lambda: env.alarms(sid), bool)
+
+            async def deliveries() -> list[dict[str, Any]]:
+                _, detail = await env.call("GET", f"/api/v1/alarms/{alarms[0]['id']}")
+                items: list[dict[str, Any]] = detail["deliveries"]
+                return items
+
+            log = await eventually(
+                deliveries,
+                lambda d: (
+                    {x["channel"]: x["state"] for x in d} == {"mqtt": "sent", "email": "failed"}
+                ),
+            )
+            email = next(d for d in log if d["channel"] == "email")
+            assert email["attempts"] == 1 and "no mail server" in email["last_detail"]
+            await asyncio.sleep(1.5)  # given up: not tried again, and still failed
+            assert [d for d in await deliveries() if d["channel"] == "email"] == [email]
+    finally:
+        alerts.close()
+        await store.close()
 
 
 async def test_a_webhook_recipient_without_a_secret_is_refused(env: Env) -> None:
