@@ -230,6 +230,16 @@ class TelemetryStore:
         except _TRANSIENT as exc:
             raise StoreUnavailable(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}") from exc
         except (
+            asyncpg.exceptions.InvalidAuthorizationSpecificationError,  # 28000, 28P01 password
+            asyncpg.exceptions.InvalidCatalogNameError,  # 3D000 no such database
+        ) as exc:
+            # The pool connects lazily, so this is where a wrong password, role or database
+            # shows. PostgreSQL's message names the user or database, never the password; the
+            # service keeps retrying, as it does while PostgreSQL is down.
+            raise StoreUnavailable(
+                f"PostgreSQL refused the connection: {exc} (check COLDCHAIN_DATABASE_URL)"
+            ) from exc
+        except (
             asyncpg.exceptions.CharacterNotInRepertoireError,
             asyncpg.exceptions.UntranslatableCharacterError,
         ) as exc:
