@@ -1272,6 +1272,18 @@ def _recipient(row: asyncpg.Record) -> Recipient:
     )
 
 
+# Who the audit log names for the alarm changes the service makes itself (21 CFR 11.10(e)):
+# the rule engine raises, clears, voids and reopens; the service's reminders escalate.
+RULES_ACTOR: Final = "rules"
+SERVICE_ACTOR: Final = "coldchain"
+_TRANSITION_ACTIONS: Final = {
+    "raised": "alarm.raised",
+    "cleared": "alarm.cleared",
+    "retracted": "alarm.voided",
+    "reopened": "alarm.reopened",
+}
+
+
 class Store(ShipmentStore):
     """Every query the service makes: telemetry, shipments, and alarms with their outbox."""
 
@@ -1288,7 +1300,27 @@ class Store(ShipmentStore):
             for t in transitions:
                 alarm = await self._apply_one(conn, shipment, t)
                 if alarm is not None:
-                    await self._record_change(conn, alarm, shipment, recipients, None, None)
+                    change_id = await self._record_change(
+                        conn, alarm, shipment, recipients, None, None
+                    )
+                    await _audit(
+                        conn,
+                        RULES_ACTOR,
+                        _TRANSITION_ACTIONS[t.kind],
+                        "alarm",
+                        str(alarm.id),
+                        {
+                            "change_id": change_id,
+                            "rule": alarm.rule,
+                            "shipment_id": alarm.shipment_id,
+                            "state": str(alarm.state),
+                            "severity": str(alarm.severity),
+                            "at": t.at,  # device time
+                            "value": t.value,
+                            "limit": t.limit,
+                            "message": alarm.message,
+                        },
+                    )
                     changed.append(alarm)
         return changed
 
@@ -1521,14 +1553,26 @@ class Store(ShipmentStore):
                         )
                     )
                 )
-                await self._record_change(
-                    conn,
-                    escalated,
-                    shipment,
-                    recipients,
-                    None,
+                comment = (
                     f"not acknowledged: reminder {escalated.escalation_level}, escalated to "
-                    f"tier {escalated.escalation_level}",
+                    f"tier {escalated.escalation_level}"
+                )
+                change_id = await self._record_change(
+                    conn, escalated, shipment, recipients, None, comment
+                )
+                await _audit(
+                    conn,
+                    SERVICE_ACTOR,
+                    "alarm.escalated",
+                    "alarm",
+                    str(escalated.id),
+                    {
+                        "change_id": change_id,
+                        "rule": escalated.rule,
+                        "shipment_id": escalated.shipment_id,
+                        "escalation_level": escalated.escalation_level,
+                        "comment": comment,
+                    },
                 )
                 out.append(escalated)
         return out

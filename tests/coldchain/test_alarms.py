@@ -405,7 +405,13 @@ async def test_acknowledge_clear_and_close_are_attributed_and_audited(env: Env) 
         ("closed", "test operator"),
     ]
     _, audit = await env.call("GET", f"/api/v1/audit?entity=alarm&entity_id={alarm_id}")
-    assert [e["action"] for e in reversed(audit["items"])] == ["alarm.acknowledged", "alarm.closed"]
+    # Every change, the rules' as well as people's, in the append-only audit log.
+    assert [(e["action"], e["actor"].split(" (")[0]) for e in reversed(audit["items"])] == [
+        ("alarm.raised", "rules"),
+        ("alarm.acknowledged", "test operator"),
+        ("alarm.cleared", "rules"),
+        ("alarm.closed", "test operator"),
+    ]
     states_heard = await eventually(
         lambda: _now([a["state"] for a in env.alerts.of(sid) if a["alarm_id"] == alarm_id]),
         lambda s: "closed" in s,
@@ -533,6 +539,10 @@ async def test_an_unacknowledged_alarm_repeats_and_escalates_to_the_next_tier(en
         first_tier = [a for a in env.receiver.received if a["shipment_id"] == sid]
         assert len(first_tier) >= 2  # raised, then repeated
         alarm_id = heard[0]["alarm_id"]
+        _, audit = await env.call("GET", f"/api/v1/audit?entity=alarm&entity_id={alarm_id}")
+        assert ("alarm.escalated", "coldchain") in {
+            (e["action"], e["actor"]) for e in audit["items"]
+        }
         await env.call(
             "POST", f"/api/v1/alarms/{alarm_id}/ack", {"comment": "taking it"}, as_="operator"
         )
