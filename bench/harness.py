@@ -1,6 +1,9 @@
 """What the benchmarks share: a scratch database, the service as a separate process, shipments
 for simulated dewars, and MQTT packets built by hand for publishers that must not be the
-bottleneck."""
+bottleneck.
+
+Set COLDCHAIN_BENCH_PROFILE=DIR to sample each service run with py-spy (`pip install py-spy`):
+collapsed stacks land in DIR, one file per run."""
 
 from __future__ import annotations
 
@@ -87,6 +90,25 @@ def start_service(log: Path, **settings: str) -> tuple[subprocess.Popen[bytes], 
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
+        )
+    profile_dir = os.environ.get("COLDCHAIN_BENCH_PROFILE")
+    if profile_dir:
+        # py-spy samples the service until it exits: collapsed stacks, a file per service run.
+        subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("py-spy")),
+                "record",
+                "--pid",
+                str(service.pid),
+                "--format",
+                "raw",
+                "--rate",
+                "250",
+                "--output",
+                str(Path(profile_dir) / f"{log.stem}-{service.pid}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

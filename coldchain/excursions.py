@@ -62,6 +62,7 @@ import math
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from operator import itemgetter
 from typing import Final
 
 import msgspec
@@ -247,16 +248,18 @@ def feed(
     nothing is evaluated and the outcome carries a `Replay`: call `replay` as it says (the batch
     must already be stored, because the replay reads it back from the store).
     """
-    batch = sorted(readings, key=_order)
+    batch = sorted(((_micros(r.ts), r.seq, r) for r in readings), key=_by_time)
     cur = state.current
     if cur.wm_ts is not None:
         wm = (cur.wm_ts, cur.wm_seq)
-        batch = [r for r in batch if _key(r) != wm]
-        if batch and _key(batch[0]) < wm:
-            return Outcome(transitions=[], replay=_replay_request(state, _key(batch[0])))
+        batch = [k for k in batch if (k[0], k[1]) != wm]
+        if batch and (batch[0][0], batch[0][1]) < wm:
+            return Outcome(
+                transitions=[], replay=_replay_request(state, (batch[0][0], batch[0][1]))
+            )
     run = _Run(profile, state, deliver_by)
-    for reading in batch:
-        run.step(reading)
+    for t, _, reading in batch:
+        run.step(reading, t)
     return Outcome(transitions=run.out)
 
 
@@ -283,12 +286,12 @@ def replay(
     start = (base.wm_ts, base.wm_seq) if base.wm_ts is not None else None
     run = _Run(profile, state, deliver_by)
     last: tuple[int, int] | None = None
-    for reading in sorted(readings, key=_order):
-        key = _key(reading)
+    for t, seq, reading in sorted(((_micros(r.ts), r.seq, r) for r in readings), key=_by_time):
+        key = (t, seq)
         if (start is not None and key <= start) or key == last:
             continue
         last = key
-        run.step(reading)
+        run.step(reading, t)
     return _diff(old, run.out)
 
 
@@ -341,38 +344,88 @@ def silence(
     )
 
 
-class _Run:
-    """One pass of evaluation over readings in device-time order; collects transitions."""
+class _Plan:
+    """A profile laid out for the per-reading loop: each limit as a flat tuple, the other
+    rules' settings in microseconds. Built once per profile object (`_plan`)."""
 
-    __slots__ = ("cap", "deliver", "jump_window", "out", "profile", "rate_limit", "state")
+    __slots__ = ("cap", "jump_window", "limits", "margin", "profile", "rate_limit")
 
-    def __init__(self, profile: Profile, state: RuleState, deliver_by: datetime | None) -> None:
+    def __init__(self, profile: Profile) -> None:
         self.profile = profile
-        self.state = state
-        self.out: list[AlarmTransition] = []
-        self.deliver = None if deliver_by is None else _micros(deliver_by)
+        self.limits = tuple(
+            (
+                limit.rule,
+                str(limit.metric),
+                limit.threshold,
+                limit.direction is Direction.ABOVE,
+                limit.budget_s is not None,
+                limit,
+            )
+            for limit in profile.limits
+        )
         self.cap = int(profile.signal_lost_after_s * _US)
         self.jump_window = int(profile.expected_interval_s * JUMP_WINDOW_INTERVALS * _US)
         rate = profile.rate_limit_c_per_min
         self.rate_limit = math.inf if rate is None else rate
+        self.margin = int(profile.hold_margin_h * 3600 * _US)
 
-    def step(self, r: Reading) -> None:
+
+_plans: dict[int, _Plan] = {}
+
+
+def _plan(profile: Profile) -> _Plan:
+    # By identity: hashing a profile (every limit, every field) would cost more than the
+    # evaluation it saves. Profiles are replaced, not mutated (frozen), so a stale id is
+    # recognised by `plan.profile is not profile`.
+    plan = _plans.get(id(profile))
+    if plan is None or plan.profile is not profile:
+        if len(_plans) > 64:
+            _plans.clear()
+        plan = _plans[id(profile)] = _Plan(profile)
+    return plan
+
+
+class _Run:
+    """One pass of evaluation over readings in device-time order; collects transitions."""
+
+    __slots__ = ("cap", "deliver", "jump_window", "out", "plan", "profile", "rate_limit", "state")
+
+    def __init__(self, profile: Profile, state: RuleState, deliver_by: datetime | None) -> None:
+        plan = _plan(profile)
+        self.plan = plan
+        self.profile = profile
+        self.state = state
+        self.out: list[AlarmTransition] = []
+        self.deliver = None if deliver_by is None else _micros(deliver_by)
+        self.cap = plan.cap
+        self.jump_window = plan.jump_window
+        self.rate_limit = plan.rate_limit
+
+    def step(self, r: Reading, t: int) -> None:
+        """Evaluate one reading; `t` is its device time in µs since the epoch."""
         cur = self.state.current
-        t = _micros(r.ts)
         cur.wm_ts = t
         cur.wm_seq = r.seq
         tracks = cur.tracks
-        for limit in self.profile.limits:
-            raw = getattr(r, limit.metric)
+        for rule, metric, threshold, above, budget, limit in self.plan.limits:
+            raw = getattr(r, metric)
             if raw is None:
                 continue
-            track = tracks.get(limit.rule)
+            track = tracks.get(rule)
             if track is None:
-                track = tracks[limit.rule] = Track()
-            if limit.budget_s is None:
-                self._delayed(limit, track, t, float(raw))
-            else:
+                track = tracks[rule] = Track()
+            # The quiet case, exactly as the full rule would leave it: inside the threshold and
+            # nothing open (a delayed limit forgets a breach in progress; a budget that was
+            # not counting stays as it is).
+            inside = raw <= threshold if above else raw >= threshold
+            if budget:
+                if inside and track.last is None:
+                    continue
                 self._budget(limit, track, t, float(raw))
+            elif inside and not track.open:
+                track.since = None
+            else:
+                self._delayed(limit, track, t, float(raw))
         self._temperature(cur, t, r.temp_c)
         if self.profile.forecast_hold:
             self._hold(cur, t, r)
@@ -600,17 +653,17 @@ class _Run:
         result = cur.ln2_fit
         if deliver is None or result is None:
             return
-        margin = int(self.profile.hold_margin_h * 3600 * _US)
-        need = deliver + margin
-        track = self._track(HOLD_AT_RISK)
+        need = deliver + self.plan.margin
         depletion = result.depletion
-        left_h = NOT_FALLING_HOURS if depletion is None else (depletion - t) / (3600 * _US)
-        need_h = (need - t) / (3600 * _US)
-        if not track.open:
+        track = cur.tracks.get(HOLD_AT_RISK)
+        if track is None or not track.open:
             # Raise only when even the latest plausible depletion (slowest loss within the 95 %
             # bound) comes too soon: a few noisy points cannot raise it.
             if depletion is None or result.latest is None or result.latest >= need:
                 return
+            need_h = (need - t) / (3600 * _US)
+            left_h = (depletion - t) / (3600 * _US)
+            track = self._track(HOLD_AT_RISK)
             track.open, track.since, track.peak = True, t, left_h
             shortfall = (need - depletion) / (3600 * _US)
             earliest = (
@@ -630,6 +683,8 @@ class _Run:
                 f"{', tipped' if result.tipped else ''}{earliest})",
             )
             return
+        left_h = NOT_FALLING_HOURS if depletion is None else (depletion - t) / (3600 * _US)
+        need_h = (need - t) / (3600 * _US)
         track.peak = min(track.peak, left_h)
         if depletion is not None and depletion < need + HOLD_CLEAR_DEADBAND_H * 3600 * _US:
             return
@@ -757,12 +812,8 @@ def _copy(snapshot: Snapshot) -> Snapshot:
     return _snap_decoder.decode(_snap_encoder.encode(snapshot))
 
 
-def _order(r: Reading) -> tuple[datetime, int]:
-    return r.ts, r.seq
-
-
-def _key(r: Reading) -> tuple[int, int]:
-    return _micros(r.ts), r.seq
+_by_time: Final = itemgetter(0, 1)
+"""Sort key of `(micros, seq, reading)`: device time, then sequence (never the reading)."""
 
 
 def _micros(ts: datetime) -> int:

@@ -234,6 +234,8 @@ class Watch:
                     and (shipment.ends_at is None or i.reading.ts < shipment.ends_at)
                 ]
                 tracked = self._tracked.get(shipment.id)
+                if mine and tracked is not None and tracked.fed_through is not None:
+                    mine = _unseen(tracked, mine)
                 if mine and tracked is not None:
                     tracked.last_received = max(
                         tracked.last_received, max(i.received_at for i in mine)
@@ -304,6 +306,22 @@ class Watch:
             await self._store.save_rule_states(rows)
         for t in tracked:
             t.dirty = False
+
+
+def _unseen(tracked: _Tracked, items: list[IncomingReading]) -> list[IncomingReading]:
+    """Drop readings the rules already saw: a catch-up (at start, or for a shipment the watch
+    just learned of) reads every stored reading received after `fed_through`, including those
+    of batches still queued here. Such a reading is at or before the watermark, so feeding it
+    again would ask for a replay from the store, for nothing. A reading after the watermark is
+    never dropped; one before it is dropped only if it was received by `fed_through`, i.e. it
+    was in what was fed (a late backlog arrives after it, so it is kept and replayed)."""
+    watermark = tracked.state.watermark
+    fed = tracked.fed_through
+    if watermark is None or fed is None:
+        return items
+    if all((i.reading.ts, i.reading.seq) > watermark for i in items):
+        return items
+    return [i for i in items if i.received_at > fed or (i.reading.ts, i.reading.seq) > watermark]
 
 
 def live_alarm(alarm: Alarm) -> dict[str, object]:
