@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 from aiohttp import web
 
-from coldchain import keys, report
+from coldchain import keys
 from coldchain.alarms import Alarm, AlarmState, Channel, Recipient
 from coldchain.auth import ROLE_PERMISSIONS, Actor, Permission, new_token, token_hash
 from coldchain.errors import BadRequest, NotFound
@@ -28,6 +28,7 @@ from coldchain.excursions import RECHARGE_JUMP_PCT
 from coldchain.forecast import forecast
 from coldchain.profiles import Profile, Severity, check
 from coldchain.schemas import (
+    REPORT_FORMATS,
     AlarmChangeOut,
     AlarmDetail,
     AlarmOut,
@@ -688,9 +689,12 @@ async def telemetry(request: web.Request) -> web.Response:
 async def shipment_report(request: web.Request) -> web.Response:
     """The excursion report: `format=json` (default), `pdf`, or `csv` (every reading with the
     limits it passed). Built off the event loop."""
+    # pandas and numpy (some 40 MiB) are loaded when the first report is asked for.
+    from coldchain import report
+
     fmt = _text(request, "format") or "json"
-    if fmt not in report.FORMATS:
-        raise BadRequest(f"format must be one of {', '.join(report.FORMATS)}, got {fmt[:20]!r}")
+    if fmt not in REPORT_FORMATS:
+        raise BadRequest(f"format must be one of {', '.join(REPORT_FORMATS)}, got {fmt[:20]!r}")
     inputs = await report.gather(
         request.app[keys.STORE], _shipment_id(request), actor(request).name
     )

@@ -22,7 +22,8 @@ from fpdf.enums import XPos, YPos
 from fpdf.fonts import FontFace
 
 from coldchain.profiles import Severity
-from coldchain.report import AlarmEntry, LimitSummary, Report, Series, duration_text
+from coldchain.report import duration_text
+from coldchain.schemas import AlarmEntry, LimitSummary, Report, Series
 
 _FONT_DIRS: Final = (
     Path("/usr/share/fonts/truetype/dejavu"),

@@ -29,7 +29,20 @@ import numpy.typing as npt
 import pandas as pd
 
 from coldchain.alarms import Alarm, AlarmChange
-from coldchain.profiles import Direction, Limit, Metric, Profile, Severity
+from coldchain.profiles import Direction, Limit, Metric, Profile
+from coldchain.schemas import (
+    REPORT_FORMATS,
+    AlarmEntry,
+    ChangeEntry,
+    CustodyEntry,
+    HandlingSummary,
+    LimitSummary,
+    Ln2Summary,
+    Report,
+    Series,
+    SiteRef,
+    TemperatureSummary,
+)
 from coldchain.shipments import CustodyEvent, EventType, Shipment
 from coldchain.store import Store
 from routing import Site
@@ -64,134 +77,6 @@ class ReportInputs:
     readings_csv: bytes  # store.READING_CSV_COLUMNS, with a header row, by device time
     alarms: list[tuple[Alarm, list[AlarmChange]]]
     events: list[CustodyEvent]
-    generated_at: datetime
-    generated_by: str
-
-
-class LimitSummary(msgspec.Struct, frozen=True):
-    """How long one limit's threshold was passed, and what was raised for it."""
-
-    rule: str
-    metric: str
-    direction: str
-    threshold: float
-    condition: str
-    severity: Severity
-    beyond_s: float
-    longest_s: float
-    stretches: int
-    alarms: int
-    budget_s: float | None = None
-    worst: float | None = None
-
-
-class TemperatureSummary(msgspec.Struct, frozen=True):
-    min_c: float | None
-    max_c: float | None
-    mean_c: float | None
-    in_range_s: float
-    in_range_pct: float | None
-    mkt_c: float | None
-
-
-class Ln2Summary(msgspec.Struct, frozen=True):
-    start_pct: float
-    end_pct: float
-    min_pct: float
-
-
-class HandlingSummary(msgspec.Struct, frozen=True):
-    max_tilt_deg: float | None
-    max_shock_g: float | None
-    lid_open_s: float
-    lid_openings: int
-
-
-class SiteRef(msgspec.Struct, frozen=True):
-    id: str
-    name: str | None
-    tz: str | None
-
-
-class ChangeEntry(msgspec.Struct, frozen=True):
-    state: str
-    at: datetime
-    actor: str | None
-    comment: str | None
-    escalation_level: int
-
-
-class AlarmEntry(msgspec.Struct, frozen=True):
-    id: int
-    rule: str
-    severity: Severity
-    state: str
-    started_at: datetime
-    raised_at: datetime
-    cleared_at: datetime | None
-    acknowledged_at: datetime | None
-    acknowledged_by: str | None
-    ack_comment: str | None
-    closed_at: datetime | None
-    closed_by: str | None
-    close_comment: str | None
-    value: float | None
-    limit: float | None
-    message: str
-    changes: list[ChangeEntry]
-
-
-class CustodyEntry(msgspec.Struct, frozen=True):
-    type: EventType
-    at: datetime
-    location: str | None
-    actor: str
-    note: str | None
-
-
-class Series(msgspec.Struct, frozen=True):
-    """A plotted series: device times and values (downsampled to at most PLOT_POINTS)."""
-
-    ts: list[datetime]
-    values: list[float]
-
-
-class Report(msgspec.Struct, frozen=True):
-    """The excursion report; `format=json` is this, encoded."""
-
-    shipment_id: str
-    dewar_id: str
-    chain_of_identity: str | None
-    profile: str
-    profile_description: str
-    status: str
-    origin: SiteRef
-    destination: SiteRef
-    created_at: datetime
-    packed_at: datetime | None
-    picked_up_at: datetime | None
-    delivered_at: datetime | None
-    deliver_by: datetime | None
-    on_time: bool | None
-    period_start: datetime
-    period_end: datetime
-    readings: int
-    first_reading_at: datetime | None
-    last_reading_at: datetime | None
-    monitored_s: float
-    unmonitored_s: float
-    signal_lost_after_s: float
-    excursion: bool
-    verdict: str
-    temperature: TemperatureSummary
-    ln2: Ln2Summary | None
-    handling: HandlingSummary
-    limits: list[LimitSummary]
-    alarms: list[AlarmEntry]
-    custody: list[CustodyEntry]
-    temperature_limits: list[LimitSummary]  # the temperature rows of `limits`, for the plot
-    temperature_series: Series
-    ln2_series: Series
     generated_at: datetime
     generated_by: str
 
@@ -545,9 +430,6 @@ class Rendered(msgspec.Struct, frozen=True):
     filename: str
 
 
-FORMATS: Final = ("json", "csv", "pdf")
-
-
 def render(inputs: ReportInputs, fmt: str) -> Rendered:
     """The report in one of FORMATS (CPU-bound: run it in a thread)."""
     stem = f"{inputs.shipment.id}-report"
@@ -560,4 +442,4 @@ def render(inputs: ReportInputs, fmt: str) -> Rendered:
         return Rendered(pdf.render(report), "application/pdf", f"{stem}.pdf")
     if fmt == "json":
         return Rendered(report_json(report), "application/json", f"{stem}.json")
-    raise ValueError(f"no report format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    raise ValueError(f"no report format {fmt!r}: choose one of {', '.join(REPORT_FORMATS)}")

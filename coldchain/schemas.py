@@ -4,14 +4,13 @@ from them, and the OpenAPI document is generated from the same types, so the two
 from __future__ import annotations
 
 from datetime import datetime, time
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import msgspec
 from msgspec import Meta
 
 from coldchain.auth import Role
-from coldchain.profiles import Profile
-from coldchain.report import Report
+from coldchain.profiles import Profile, Severity
 from coldchain.shipments import EventType, Status
 
 Id = Annotated[
@@ -20,10 +19,6 @@ Id = Annotated[
 Instant = Annotated[datetime, Meta(tz=True, description="RFC 3339 with offset")]
 ShortText = Annotated[str, Meta(min_length=1, max_length=200)]
 Note = Annotated[str, Meta(max_length=2000)]
-
-
-ReportOut = Report
-"""The excursion report (`format=json`), defined beside the code that computes it."""
 
 
 class ErrorDetail(msgspec.Struct, frozen=True):
@@ -414,3 +409,139 @@ class MeOut(msgspec.Struct, frozen=True):
     name: str
     role: Role
     permissions: list[str]
+
+
+# The excursion report (`GET /shipments/{id}/report`, computed by `coldchain.report`) ----------
+
+REPORT_FORMATS: Final = ("json", "csv", "pdf")
+
+
+class LimitSummary(msgspec.Struct, frozen=True):
+    """How long one limit's threshold was passed, and what was raised for it."""
+
+    rule: str
+    metric: str
+    direction: str
+    threshold: float
+    condition: str
+    severity: Severity
+    beyond_s: float
+    longest_s: float
+    stretches: int
+    alarms: int
+    budget_s: float | None = None
+    worst: float | None = None
+
+
+class TemperatureSummary(msgspec.Struct, frozen=True):
+    min_c: float | None
+    max_c: float | None
+    mean_c: float | None
+    in_range_s: float
+    in_range_pct: float | None
+    mkt_c: float | None
+
+
+class Ln2Summary(msgspec.Struct, frozen=True):
+    start_pct: float
+    end_pct: float
+    min_pct: float
+
+
+class HandlingSummary(msgspec.Struct, frozen=True):
+    max_tilt_deg: float | None
+    max_shock_g: float | None
+    lid_open_s: float
+    lid_openings: int
+
+
+class SiteRef(msgspec.Struct, frozen=True):
+    id: str
+    name: str | None
+    tz: str | None
+
+
+class ChangeEntry(msgspec.Struct, frozen=True):
+    state: str
+    at: datetime
+    actor: str | None
+    comment: str | None
+    escalation_level: int
+
+
+class AlarmEntry(msgspec.Struct, frozen=True):
+    id: int
+    rule: str
+    severity: Severity
+    state: str
+    started_at: datetime
+    raised_at: datetime
+    cleared_at: datetime | None
+    acknowledged_at: datetime | None
+    acknowledged_by: str | None
+    ack_comment: str | None
+    closed_at: datetime | None
+    closed_by: str | None
+    close_comment: str | None
+    value: float | None
+    limit: float | None
+    message: str
+    changes: list[ChangeEntry]
+
+
+class CustodyEntry(msgspec.Struct, frozen=True):
+    type: EventType
+    at: datetime
+    location: str | None
+    actor: str
+    note: str | None
+
+
+class Series(msgspec.Struct, frozen=True):
+    """A plotted series: device times and values (downsampled to at most PLOT_POINTS)."""
+
+    ts: list[datetime]
+    values: list[float]
+
+
+class Report(msgspec.Struct, frozen=True):
+    """The excursion report; `format=json` is this, encoded."""
+
+    shipment_id: str
+    dewar_id: str
+    chain_of_identity: str | None
+    profile: str
+    profile_description: str
+    status: str
+    origin: SiteRef
+    destination: SiteRef
+    created_at: datetime
+    packed_at: datetime | None
+    picked_up_at: datetime | None
+    delivered_at: datetime | None
+    deliver_by: datetime | None
+    on_time: bool | None
+    period_start: datetime
+    period_end: datetime
+    readings: int
+    first_reading_at: datetime | None
+    last_reading_at: datetime | None
+    monitored_s: float
+    unmonitored_s: float
+    signal_lost_after_s: float
+    excursion: bool
+    verdict: str
+    temperature: TemperatureSummary
+    ln2: Ln2Summary | None
+    handling: HandlingSummary
+    limits: list[LimitSummary]
+    alarms: list[AlarmEntry]
+    custody: list[CustodyEntry]
+    temperature_limits: list[LimitSummary]  # the temperature rows of `limits`, for the plot
+    temperature_series: Series
+    ln2_series: Series
+    generated_at: datetime
+    generated_by: str
+
+
+ReportOut = Report
