@@ -1800,7 +1800,12 @@ class Store(ShipmentStore):
                 " ON n.id = a.notification_id WHERE n.alarm_id = $1 ORDER BY a.id",
                 alarm_id,
             )
-            recipients = {r.id: r for r in await self.recipients()}
+            # On this connection: asking the pool for a second one while holding the first
+            # could wait forever once the pool is exhausted.
+            recipients = {
+                r.id: r
+                for r in map(_recipient, await conn.fetch("SELECT * FROM recipients ORDER BY id"))
+            }
         by_notification: dict[int, list[AttemptInfo]] = {}
         for a in attempts:
             by_notification.setdefault(a["notification_id"], []).append(
