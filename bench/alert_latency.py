@@ -9,10 +9,11 @@ What it does, in one run on this machine:
    episode, so a new alarm. The publish time of each knock is recorded, and the arrival of its
    "open" alert on each channel.
 3. The same again while a second publisher sends readings of 1,000 other dewars, also in active
-   shipments (so the rules evaluate them), at `--load` readings/s (half the sustained ingest rate
-   measured by bench/ingest.py: 27,000).
+   shipments (so the rules evaluate them), at `--load` readings/s: by default half the sustained
+   ingest rate, measured first in the same run the way bench/ingest.py measures it, so the load
+   fits the machine the benchmark runs on.
 
-Run: .venv/bin/python -m bench.alerts [--alarms 1000] [--load 27000]
+Run: .venv/bin/python -m bench.alert_latency [--alarms 1000] [--load READINGS_PER_S]
 Database: COLDCHAIN_DATABASE_URL (a server where it may create a database), else embedded.
 """
 
@@ -47,6 +48,7 @@ from bench.harness import (
     publish_packet,
     start_service,
 )
+from bench.ingest import coldchain_rate, make_messages
 from coldchain.alarms import Channel, Recipient
 from coldchain.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from coldchain.profiles import Severity
@@ -231,8 +233,9 @@ def main() -> None:
     parser.add_argument(
         "--load",
         type=float,
-        default=27_000.0,
-        help="background readings/s (half of bench/ingest.py's sustained rate)",
+        default=0.0,
+        help="background readings/s; default: half the sustained ingest rate, measured first "
+        "in this run as bench/ingest.py does",
     )
     args = parser.parse_args()
 
@@ -244,6 +247,19 @@ def main() -> None:
         server_url = embedded_pg.start()
     broker = EmbeddedBroker(work / "broker", prefer="mosquitto")
     broker.start()
+    if args.load <= 0:
+        scratch = asyncio.run(create_database(server_url))
+        try:
+            sustained, _ = coldchain_rate(
+                broker, scratch, make_messages(100_000, 1000), work / "sustained.log"
+            )
+        finally:
+            asyncio.run(drop_database(server_url, scratch))
+        args.load = sustained / 2
+        print(
+            f"sustained ingest rate on this machine now: {sustained:,.0f} readings/s "
+            f"(bench/ingest.py's measure, 100,000 readings); the load is half of it"
+        )
     database_url = asyncio.run(create_database(server_url))
     topic_arrivals, hook_arrivals = Arrivals(), Arrivals()
     hook_port = free_port()
@@ -284,7 +300,7 @@ def main() -> None:
         load.join(30)
         _report(f"{args.load / 1000:.0f}k/s", *loaded)
         print(
-            f"reproduce: .venv/bin/python -m bench.alerts --alarms {args.alarms} "
+            f"reproduce: .venv/bin/python -m bench.alert_latency --alarms {args.alarms} "
             f"--load {args.load:.0f}  ({os.cpu_count()} cores)"
         )
     finally:
