@@ -29,9 +29,7 @@ from coldchain.forecast import forecast
 from coldchain.profiles import Profile, Severity, check
 from coldchain.schemas import (
     REPORT_FORMATS,
-    AlarmChangeOut,
     AlarmDetail,
-    AlarmOut,
     AlarmPage,
     AuditOut,
     AuditPage,
@@ -64,6 +62,8 @@ from coldchain.schemas import (
     TokenIn,
     TokenList,
     TokenOut,
+    alarm_change_out,
+    alarm_out,
 )
 from coldchain.shipments import (
     ID_PATTERN,
@@ -363,31 +363,6 @@ def hold_forecast(shipment: Shipment, recent: list[IncomingReading]) -> HoldOut 
     )
 
 
-def alarm_out(a: Alarm) -> AlarmOut:
-    return AlarmOut(
-        id=a.id,
-        shipment_id=a.shipment_id,
-        dewar_id=a.dewar_id,
-        rule=a.rule,
-        severity=str(a.severity),
-        state=a.state.public,
-        condition_active=a.condition_active,
-        started_at=a.started_at,
-        raised_at=a.raised_at,
-        cleared_at=a.cleared_at,
-        acknowledged_at=a.acknowledged_at,
-        acknowledged_by=a.acknowledged_by,
-        ack_comment=a.ack_comment,
-        closed_at=a.closed_at,
-        closed_by=a.closed_by,
-        close_comment=a.close_comment,
-        value=a.value,
-        limit=a.limit,
-        message=a.message,
-        escalation_level=a.escalation_level,
-    )
-
-
 # Alarms --------------------------------------------------------------------------------------
 
 
@@ -457,18 +432,7 @@ async def get_alarm(request: web.Request) -> web.Response:
     return reply(
         AlarmDetail(
             alarm_out(alarm),
-            [
-                AlarmChangeOut(
-                    c.id,
-                    c.state.public,
-                    str(c.severity),
-                    c.at,
-                    c.actor,
-                    c.comment,
-                    c.escalation_level,
-                )
-                for c in changes
-            ],
+            [alarm_change_out(c) for c in changes],
             deliveries,
         )
     )

@@ -23,7 +23,7 @@ from fpdf.fonts import FontFace
 
 from coldchain.profiles import Severity
 from coldchain.report import duration_text
-from coldchain.schemas import AlarmEntry, LimitSummary, Report, Series
+from coldchain.schemas import LimitSummary, Report, ReportAlarm, Series
 
 _FONT_DIRS: Final = (
     Path("/usr/share/fonts/truetype/dejavu"),
@@ -343,23 +343,23 @@ def _thresholds(limits: Sequence[LimitSummary], metric: str) -> list[tuple[float
     return sorted(found.items())
 
 
-def _alarm_rows(alarms: Sequence[AlarmEntry]) -> list[list[str]]:
+def _alarm_rows(alarms: Sequence[ReportAlarm]) -> list[list[str]]:
     rows = []
-    for a in alarms:
+    for entry in alarms:
+        a = entry.alarm
         ack = "—"
         if a.acknowledged_at is not None:
             ack = f"{when(a.acknowledged_at)} by {a.acknowledged_by}: {a.ack_comment or ''}"
         closed = "—"
         if a.closed_at is not None:
-            closed = (
-                f"{when(a.closed_at)} by {a.closed_by or 'the service'}: {a.close_comment or ''}"
-            )
-        reminders = max((c.escalation_level for c in a.changes), default=0)
+            by = a.closed_by or "the service"
+            closed = f"{when(a.closed_at)} by {by}: {a.close_comment or ''}"
+        reminders = max((c.escalation_level for c in entry.changes), default=0)
         what = a.message + (f" (escalated to tier {reminders})" if reminders else "")
         rows.append(
             [
                 f"{a.id}",
-                str(a.severity),
+                a.severity,
                 f"{a.rule}\n{what}",
                 when(a.started_at),
                 when(a.cleared_at),
@@ -413,9 +413,9 @@ def render(report: Report) -> bytes:
     pdf.para("; ".join(parts) + ".")
     temp_alarm_rules = {lim.rule for lim in report.temperature_limits}
     shade = [
-        (a.started_at, a.cleared_at or report.period_end, a.severity)
+        (a.alarm.started_at, a.alarm.cleared_at or report.period_end, Severity(a.alarm.severity))
         for a in report.alarms
-        if a.rule in temp_alarm_rules
+        if a.alarm.rule in temp_alarm_rules
     ]
     gap = report.signal_lost_after_s
     _chart(
@@ -510,7 +510,7 @@ def render(report: Report) -> bytes:
             ],
             _alarm_rows(report.alarms),
             (9, 15, 42, 20, 20, 30, 30, 16),
-            [SEVERITY_COLOUR[a.severity] for a in report.alarms],
+            [SEVERITY_COLOUR[Severity(a.alarm.severity)] for a in report.alarms],
         )
     else:
         pdf.para("No alarm was raised.")

@@ -32,16 +32,17 @@ from coldchain.alarms import Alarm, AlarmChange
 from coldchain.profiles import Direction, Limit, Metric, Profile
 from coldchain.schemas import (
     REPORT_FORMATS,
-    AlarmEntry,
-    ChangeEntry,
     CustodyEntry,
     HandlingSummary,
     LimitSummary,
     Ln2Summary,
     Report,
+    ReportAlarm,
     Series,
     SiteRef,
     TemperatureSummary,
+    alarm_change_out,
+    alarm_out,
 )
 from coldchain.shipments import CustodyEvent, EventType, Shipment
 from coldchain.store import Store
@@ -304,7 +305,10 @@ def build(inputs: ReportInputs) -> Report:
     on_time = None
     if shipment.deliver_by is not None and delivered is not None:
         on_time = delivered <= shipment.deliver_by
-    alarms = [_alarm_entry(a, changes) for a, changes in inputs.alarms]
+    alarms = [
+        ReportAlarm(alarm_out(a), [alarm_change_out(c) for c in changes])
+        for a, changes in inputs.alarms
+    ]
     excursion = any(lim.beyond_s > 0 for lim in limits if lim.metric == Metric.TEMP_C)
     temperature_limits = [lim for lim in limits if lim.metric == Metric.TEMP_C]
 
@@ -351,13 +355,13 @@ def verdict(
     excursion: bool,
     temperature: TemperatureSummary,
     temperature_limits: list[LimitSummary],
-    alarms: list[AlarmEntry],
+    alarms: list[ReportAlarm],
     readings: int,
 ) -> str:
     """One sentence a person reads first."""
     if readings == 0:
         return "No readings were received for this shipment: its temperature is unknown."
-    unacknowledged = sum(1 for a in alarms if a.state == "open")
+    unacknowledged = sum(1 for a in alarms if a.alarm.state == "open")
     tail = f" {unacknowledged} alarm(s) not yet acknowledged." if unacknowledged else ""
     if not excursion:
         return "No temperature excursion: within every temperature limit." + tail
@@ -371,31 +375,6 @@ def verdict(
     return (
         f"TEMPERATURE EXCURSION: {sign} {worst.threshold:g} °C for "
         f"{duration_text(worst.beyond_s)} in all{share}; highest severity {worst.severity}." + tail
-    )
-
-
-def _alarm_entry(a: Alarm, changes: list[AlarmChange]) -> AlarmEntry:
-    return AlarmEntry(
-        id=a.id,
-        rule=a.rule,
-        severity=a.severity,
-        state=a.state.public,
-        started_at=a.started_at,
-        raised_at=a.raised_at,
-        cleared_at=a.cleared_at,
-        acknowledged_at=a.acknowledged_at,
-        acknowledged_by=a.acknowledged_by,
-        ack_comment=a.ack_comment,
-        closed_at=a.closed_at,
-        closed_by=a.closed_by,
-        close_comment=a.close_comment,
-        value=a.value,
-        limit=a.limit,
-        message=a.message,
-        changes=[
-            ChangeEntry(c.state.public, c.at, c.actor, c.comment, c.escalation_level)
-            for c in changes
-        ],
     )
 
 

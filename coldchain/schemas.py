@@ -9,6 +9,7 @@ from typing import Annotated, Any, Final
 import msgspec
 from msgspec import Meta
 
+from coldchain.alarms import Alarm, AlarmChange
 from coldchain.auth import Role
 from coldchain.profiles import Profile, Severity
 from coldchain.shipments import EventType, Status
@@ -280,6 +281,37 @@ class AlarmChangeOut(msgspec.Struct, frozen=True):
     escalation_level: int
 
 
+def alarm_out(a: Alarm) -> AlarmOut:
+    return AlarmOut(
+        id=a.id,
+        shipment_id=a.shipment_id,
+        dewar_id=a.dewar_id,
+        rule=a.rule,
+        severity=str(a.severity),
+        state=a.state.public,
+        condition_active=a.condition_active,
+        started_at=a.started_at,
+        raised_at=a.raised_at,
+        cleared_at=a.cleared_at,
+        acknowledged_at=a.acknowledged_at,
+        acknowledged_by=a.acknowledged_by,
+        ack_comment=a.ack_comment,
+        closed_at=a.closed_at,
+        closed_by=a.closed_by,
+        close_comment=a.close_comment,
+        value=a.value,
+        limit=a.limit,
+        message=a.message,
+        escalation_level=a.escalation_level,
+    )
+
+
+def alarm_change_out(c: AlarmChange) -> AlarmChangeOut:
+    return AlarmChangeOut(
+        c.id, c.state.public, str(c.severity), c.at, c.actor, c.comment, c.escalation_level
+    )
+
+
 class DeliveryOut(msgspec.Struct, frozen=True):
     id: int
     channel: str
@@ -461,32 +493,11 @@ class SiteRef(msgspec.Struct, frozen=True):
     tz: str | None
 
 
-class ChangeEntry(msgspec.Struct, frozen=True):
-    state: str
-    at: datetime
-    actor: str | None
-    comment: str | None
-    escalation_level: int
+class ReportAlarm(msgspec.Struct, frozen=True):
+    """An alarm of the report with every change it went through."""
 
-
-class AlarmEntry(msgspec.Struct, frozen=True):
-    id: int
-    rule: str
-    severity: Severity
-    state: str
-    started_at: datetime
-    raised_at: datetime
-    cleared_at: datetime | None
-    acknowledged_at: datetime | None
-    acknowledged_by: str | None
-    ack_comment: str | None
-    closed_at: datetime | None
-    closed_by: str | None
-    close_comment: str | None
-    value: float | None
-    limit: float | None
-    message: str
-    changes: list[ChangeEntry]
+    alarm: AlarmOut
+    changes: list[AlarmChangeOut]
 
 
 class CustodyEntry(msgspec.Struct, frozen=True):
@@ -535,7 +546,7 @@ class Report(msgspec.Struct, frozen=True):
     ln2: Ln2Summary | None
     handling: HandlingSummary
     limits: list[LimitSummary]
-    alarms: list[AlarmEntry]
+    alarms: list[ReportAlarm]
     custody: list[CustodyEntry]
     temperature_limits: list[LimitSummary]  # the temperature rows of `limits`, for the plot
     temperature_series: Series
