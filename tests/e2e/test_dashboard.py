@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import pytest
+from pypdf import PdfReader
 
 from coldchain.auth import Role
 from sensors import Reading, encode_reading, telemetry_topic
@@ -221,4 +222,15 @@ async def test_markup_in_data_shows_as_text_and_the_shipment_screen_draws(
     await page.wait_for_selector('#shipment-map[data-ready="true"]')
     assert await page.locator("#temp-chart canvas").count() == 1
     await screenshot(page, "shipment")
+    # The report button downloads the shipment's PDF excursion report.
+    async with page.expect_download() as waiting:
+        await page.click("#report")
+    download = await waiting.value
+    assert download.suggested_filename == f"{sid}-report.pdf"
+    saved = await download.path()
+    assert saved is not None
+    # Text wraps in the PDF's columns: compare without white space.
+    text = "".join("".join(p.extract_text().split()) for p in PdfReader(str(saved)).pages)
+    assert f"shipment{sid}" in text and "".join(markup.split()) in text
+    await page.locator("text=Report downloaded.").wait_for()
     assert page_errors(page) == []
