@@ -473,6 +473,21 @@ class Bucket:
     ln2_mean: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class ShipmentRoute:
+    """A route planned for a shipment: `plan` is one route as the planner answers it (legs,
+    arrival, margin...), `request` what was asked; the newest of a shipment's is current."""
+
+    id: int
+    shipment_id: str
+    from_site: str
+    eta: datetime
+    plan: dict[str, Any]
+    request: dict[str, Any]
+    planned_at: datetime
+    planned_by: str
+
+
 class TokenRejected(Exception):
     """Why a presented token does not authenticate (unknown, revoked or expired)."""
 
@@ -492,6 +507,19 @@ def _shipment(row: asyncpg.Record) -> Shipment:
         created_by=row["created_by"],
         starts_at=row["starts_at"],
         ends_at=row["ends_at"],
+    )
+
+
+def _route(row: asyncpg.Record) -> ShipmentRoute:
+    return ShipmentRoute(
+        id=row["id"],
+        shipment_id=row["shipment_id"],
+        from_site=row["from_site"],
+        eta=row["eta"],
+        plan=row["plan"],
+        request=row["request"],
+        planned_at=row["planned_at"],
+        planned_by=row["planned_by"],
     )
 
 
@@ -961,6 +989,83 @@ class ShipmentStore(TelemetryStore):
         if updated is None or event_row is None:
             raise RuntimeError("UPDATE/INSERT ... RETURNING returned no row")
         return _shipment(updated), _event(event_row)
+
+    # Planned routes ------------------------------------------------------------------------
+
+    async def add_route(
+        self,
+        shipment_id: str,
+        from_site: str,
+        eta: datetime,
+        plan: dict[str, Any],
+        request: dict[str, Any],
+        actor: Actor,
+    ) -> ShipmentRoute:
+        """Store a plan as the shipment's current route (the earlier ones stay as history);
+        Conflict once the shipment is delivered or cancelled."""
+        async with self._connection() as conn, conn.transaction():
+            status = await conn.fetchval(
+                "SELECT status FROM shipments WHERE id = $1 FOR UPDATE", shipment_id
+            )
+            if status is None:
+                raise NotFound(f"no shipment {shipment_id!r}")
+            if not Status(status).active:
+                raise Conflict(
+                    f"shipment {shipment_id} is {status}: its route can no longer change"
+                )
+            row = await conn.fetchrow(
+                "INSERT INTO shipment_routes (shipment_id, from_site, eta, plan, request,"
+                " planned_by) VALUES ($1, $2, $3, $4, $5, $6) RETURNING *",
+                shipment_id,
+                from_site,
+                eta,
+                plan,
+                request,
+                actor.label,
+            )
+            if row is None:
+                raise RuntimeError("INSERT ... RETURNING returned no row")
+            stored = _route(row)
+            await _audit(
+                conn,
+                actor.label,
+                "route.planned",
+                "shipment",
+                shipment_id,
+                {
+                    "route_id": stored.id,
+                    "from_site": from_site,
+                    "eta": _iso(eta),
+                    "flights": [
+                        f"{leg['carrier']}{leg['flight']}"
+                        for leg in plan.get("legs", ())
+                        if leg.get("flight") is not None
+                    ],
+                    "request": request,
+                },
+            )
+        return stored
+
+    async def routes(self, shipment_id: str, limit: int = 100) -> list[ShipmentRoute]:
+        """A shipment's planned routes, newest (the current one) first."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM shipment_routes WHERE shipment_id = $1 ORDER BY id DESC LIMIT $2",
+                shipment_id,
+                limit,
+            )
+        return [_route(r) for r in rows]
+
+    async def route_etas(self) -> dict[str, datetime]:
+        """The current route's ETA of every active shipment that has one (for the rules)."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT DISTINCT ON (r.shipment_id) r.shipment_id, r.eta"
+                " FROM shipment_routes r JOIN shipments s ON s.id = r.shipment_id"
+                " WHERE s.status NOT IN ('delivered', 'cancelled')"
+                " ORDER BY r.shipment_id, r.id DESC"
+            )
+        return {r["shipment_id"]: r["eta"] for r in rows}
 
     async def last_reading(self, shipment: Shipment) -> IncomingReading | None:
         async with self._connection() as conn:
