@@ -23,7 +23,7 @@ from aiohttp import web
 from coldchain import keys
 from coldchain.alarms import Alarm, AlarmState, Channel, Recipient
 from coldchain.auth import ROLE_PERMISSIONS, Actor, Permission, new_token, token_hash
-from coldchain.errors import BadRequest, NotFound
+from coldchain.errors import BadRequest, Conflict, NoFeasibleRoute, NotFound
 from coldchain.excursions import RECHARGE_JUMP_PCT
 from coldchain.forecast import forecast
 from coldchain.profiles import Profile, Severity, check
@@ -54,6 +54,9 @@ from coldchain.schemas import (
     ShipmentIn,
     ShipmentOut,
     ShipmentPage,
+    ShipmentRouteIn,
+    ShipmentRouteList,
+    ShipmentRouteOut,
     SiteList,
     SiteOut,
     StoredProfileOut,
@@ -72,9 +75,17 @@ from coldchain.shipments import (
     Status,
     new_shipment_id,
 )
-from coldchain.store import IncomingReading, Notification, StoredDeadLetter
+from coldchain.store import IncomingReading, Notification, ShipmentRoute, StoredDeadLetter
 from coldchain.watch import live_alarm
-from routing import PlanRequestError, SiteKind, plan_request_from_dict, plan_result_to_dict
+from routing import (
+    FlightKey,
+    Objective,
+    PlanRequest,
+    PlanRequestError,
+    SiteKind,
+    plan_request_from_dict,
+    plan_result_to_dict,
+)
 
 routes = web.RouteTableDef()
 
@@ -316,6 +327,7 @@ async def get_shipment(request: web.Request) -> web.Response:
     recent = await store.shipment_readings(
         shipment, (last.reading.ts - timedelta(hours=12)) if last else None, None, 2000
     )
+    current = next(iter(await store.routes(shipment.id, limit=1)), None)
     detail = ShipmentDetail(
         shipment=shipment_out(shipment),
         last_reading=None if last is None else reading_out(last),
@@ -323,9 +335,100 @@ async def get_shipment(request: web.Request) -> web.Response:
         events=[event_out(e) for e in events],
         open_alarms=[alarm_out(a) for a in open_alarms],
         hold=hold_forecast(shipment, recent),
-        route=None,
+        route=None if current is None else route_out(current),
+        eta=None if current is None else current.eta,
     )
     return reply(detail)
+
+
+def route_out(r: ShipmentRoute) -> ShipmentRouteOut:
+    """A stored route: the plan as `/routes/plan` answers it, with who planned it and when."""
+    return msgspec.convert(
+        r.plan
+        | {
+            "id": r.id,
+            "shipment_id": r.shipment_id,
+            "from_site": r.from_site,
+            "eta": r.eta,
+            "planned_at": r.planned_at,
+            "planned_by": r.planned_by,
+            "request": r.request,
+        },
+        ShipmentRouteOut,
+    )
+
+
+@routes.post("/api/v1/shipments/{shipment_id}/route")
+@requires(Permission.ROUTES)
+async def plan_shipment_route(request: web.Request) -> web.Response:
+    """Plan the shipment's route to its destination inside its deliver_by, from its origin or,
+    to re-plan, from `from_site` (where it is now) without the cancelled `exclude_flights`; the
+    best plan becomes its current route (earlier ones stay as history). 409 `no_feasible_route`
+    with the planner's reason when nothing is feasible (nothing is stored), 409 `conflict` for
+    a delivered or cancelled shipment."""
+    shipment_id = _shipment_id(request)
+    body = await decode_body(request, ShipmentRouteIn)
+    store = request.app[keys.STORE]
+    shipment = await store.shipment(shipment_id)
+    if not shipment.status.active:
+        raise Conflict(
+            f"shipment {shipment.id} is {shipment.status}: its route can no longer change"
+        )
+    from_site = body.from_site or shipment.origin
+    depart_at = body.depart_at or shipment.planned_departure or datetime.now(UTC)
+    excluded = [FlightKey(f.carrier, f.flight, f.departs_at) for f in body.exclude_flights]
+    try:
+        plan_request = PlanRequest(
+            origin=from_site,
+            destination=shipment.destination,
+            depart_at=depart_at.astimezone(UTC),
+            hold_hours=body.hold_hours,
+            deliver_by=shipment.deliver_by,
+            objective=Objective(body.objective),
+            max_handoffs=body.max_handoffs,
+            recharge_hold_hours=body.recharge_hold_hours,
+            exclude_flights=frozenset(excluded),
+        )
+        result = await request.app[keys.PLANNER].plan(plan_request)
+    except PlanRequestError as exc:
+        raise BadRequest(str(exc)) from exc
+    best = result.best
+    if best is None:
+        reason = result.infeasible
+        why = f" ({reason.constraint}): {reason.message}" if reason is not None else ""
+        raise NoFeasibleRoute(
+            f"no feasible route for shipment {shipment.id} from {from_site} to "
+            f"{shipment.destination}{why}; nothing was stored"
+        )
+    answer = plan_result_to_dict(result)
+    asked = answer["request"] | {
+        "recharge_hold_hours": body.recharge_hold_hours,
+        "exclude_flights": [
+            {
+                "carrier": key.carrier,
+                "flight": key.flight,
+                "departs_at": key.departs_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            }
+            for key in excluded
+        ],
+    }
+    stored = await store.add_route(
+        shipment.id, from_site, best.delivered_at, answer["routes"][0], asked, actor(request)
+    )
+    request.app[keys.WATCH].shipments_changed()
+    response = reply(route_out(stored), status=201)
+    response.headers["Location"] = f"/api/v1/shipments/{shipment.id}/route"
+    return response
+
+
+@routes.get("/api/v1/shipments/{shipment_id}/route")
+@requires(Permission.READ)
+async def shipment_routes(request: web.Request) -> web.Response:
+    """Every route planned for the shipment, newest (the current one) first."""
+    store = request.app[keys.STORE]
+    shipment = await store.shipment(_shipment_id(request))
+    rows = await store.routes(shipment.id)
+    return reply(ShipmentRouteList([route_out(r) for r in rows]))
 
 
 def hold_forecast(shipment: Shipment, recent: list[IncomingReading]) -> HoldOut | None:

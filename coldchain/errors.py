@@ -38,6 +38,13 @@ class Conflict(ColdchainError):
     code = "conflict"
 
 
+class NoFeasibleRoute(Conflict):
+    """A well-formed route request that no route of the network meets (hold, deadline,
+    handoffs): the message carries the planner's reason and what would be needed."""
+
+    code = "no_feasible_route"
+
+
 class StoreUnavailable(ColdchainError):
     """PostgreSQL cannot be reached or refused the connection; retrying may help."""
 

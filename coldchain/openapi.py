@@ -107,6 +107,28 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         (400, 401, 403, 404, 409, 415, 429),
     ),
     Operation(
+        "post",
+        "/api/v1/shipments/{shipment_id}/route",
+        api.plan_shipment_route,
+        "Plan or re-plan the shipment's route (from where it is now, without cancelled "
+        "flights); the best plan becomes its current route. 409 `no_feasible_route` says why "
+        "none is feasible, and nothing is stored",
+        schemas.ShipmentRouteOut,
+        201,
+        schemas.ShipmentRouteIn,
+        (SHIPMENT_ID,),
+        (400, 401, 403, 404, 409, 415, 429),
+    ),
+    Operation(
+        "get",
+        "/api/v1/shipments/{shipment_id}/route",
+        api.shipment_routes,
+        "The shipment's planned routes, newest (the current one) first",
+        schemas.ShipmentRouteList,
+        params=(SHIPMENT_ID,),
+        errors=(401, 403, 404, 429),
+    ),
+    Operation(
         "get",
         "/api/v1/shipments/{shipment_id}/telemetry",
         api.telemetry,

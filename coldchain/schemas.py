@@ -119,7 +119,8 @@ class ShipmentDetail(msgspec.Struct, frozen=True):
     events: list[EventOut]
     open_alarms: list[AlarmOut]
     hold: HoldOut | None
-    route: dict[str, Any] | None
+    route: ShipmentRouteOut | None  # the current planned route, if one was stored
+    eta: datetime | None = None  # the current route's delivery instant
 
 
 class BucketOut(msgspec.Struct, frozen=True):
@@ -433,6 +434,65 @@ class RoutePlanOut(msgspec.Struct, frozen=True):
     feasible: bool
     routes: list[RouteOut]
     infeasible: InfeasibleOut | None
+
+
+class FlightKeyIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A dated flight, as a route leg names it: carrier, flight number, departure."""
+
+    carrier: Annotated[str, Meta(min_length=1, max_length=8)]
+    flight: Annotated[str, Meta(min_length=1, max_length=8)]
+    departs_at: Instant
+
+
+class ShipmentRouteIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Plan (or re-plan) a shipment's route to its destination, inside its deliver_by."""
+
+    hold_hours: Annotated[
+        float, Meta(ge=0, le=24 * 60, description="usable hold left from depart_at, in hours")
+    ]
+    depart_at: (
+        Annotated[
+            datetime,
+            Meta(tz=True, description="default: the shipment's planned_departure, else now"),
+        ]
+        | None
+    ) = None
+    from_site: (
+        Annotated[
+            str,
+            Meta(
+                pattern=r"^[A-Za-z0-9._-]{1,64}$",
+                description="where the shipment is now; default: its origin",
+            ),
+        ]
+        | None
+    ) = None
+    objective: Annotated[str, Meta(pattern="^(fastest|safest|cheapest)$")] = "fastest"
+    exclude_flights: Annotated[
+        list[FlightKeyIn], Meta(max_length=1000, description="cancelled flights, left out")
+    ] = []
+    max_handoffs: Annotated[int, Meta(ge=0, le=50)] | None = None
+    recharge_hold_hours: (
+        Annotated[float, Meta(ge=0, le=24 * 60, description="usable hold after an LN2 recharge")]
+        | None
+    ) = None
+
+
+class ShipmentRouteOut(RouteOut, frozen=True):
+    """A route stored for a shipment: the plan (as `/routes/plan` answers one), its ETA, who
+    planned it and when, and what was asked."""
+
+    id: int
+    shipment_id: str
+    from_site: str
+    eta: datetime
+    planned_at: datetime
+    planned_by: str
+    request: dict[str, Any]
+
+
+class ShipmentRouteList(msgspec.Struct, frozen=True):
+    items: list[ShipmentRouteOut]  # newest (the current route) first
 
 
 class MeOut(msgspec.Struct, frozen=True):

@@ -611,3 +611,104 @@ async def test_planners_get_routes_or_the_reason_there_is_none(api: Api) -> None
     )
     assert status == 400 and "NOWHERE" in reply["error"]["message"]
     assert (await api.call("POST", "/api/v1/routes/plan", as_="operator", body=body))[0] == 403
+
+
+async def _routable_shipment(api: Api, **extra: Any) -> str:
+    """A shipment without a deadline, packing out in the bundled week of flights."""
+    network = example_network()
+    await api.store.import_lanes(list(network.lanes), "test")
+    await api.store.import_flights(list(network.flights), "test")
+    body = new_shipment(planned_departure="2026-10-20T13:00:00Z", **extra)
+    del body["deliver_by"]
+    status, created = await api.call("POST", "/api/v1/shipments", as_="planner", body=body)
+    assert status == 201, created
+    return str(created["id"])
+
+
+def _instant_of(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+async def test_a_shipment_gets_a_route_and_a_re_plan_from_where_it_is_becomes_current(
+    api: Api,
+) -> None:
+    sid = await _routable_shipment(api)
+    _, detail = await api.call("GET", f"/api/v1/shipments/{sid}", as_="viewer")
+    assert detail["route"] is None and detail["eta"] is None
+    status, first = await api.call(
+        "POST", f"/api/v1/shipments/{sid}/route", as_="planner", body={"hold_hours": 96}
+    )
+    assert status == 201, first
+    assert first["legs"][0]["from"] == ORIGIN and first["legs"][-1]["to"] == DESTINATION
+    assert first["from_site"] == ORIGIN and first["depart_at"] == "2026-10-20T13:00:00Z"
+    assert _instant_of(first["eta"]) == _instant_of(first["arrival"])
+    assert first["planned_by"].startswith("planner-user")
+    _, detail = await api.call("GET", f"/api/v1/shipments/{sid}", as_="viewer")
+    assert detail["route"]["id"] == first["id"] and detail["route"]["legs"] == first["legs"]
+    assert _instant_of(detail["eta"]) == _instant_of(first["eta"])
+    assert detail["shipment"]["id"] == sid and detail["hold"] is None  # the rest as before
+
+    # Its flight is cancelled while the dewar waits at the airport: re-plan from there.
+    flight = next(leg for leg in first["legs"] if leg["mode"] == "flight")
+    airport = flight["from"]
+    cancelled = {k: flight[k] for k in ("carrier", "flight", "departs_at")}
+    status, second = await api.call(
+        "POST",
+        f"/api/v1/shipments/{sid}/route",
+        as_="planner",
+        body={
+            "hold_hours": 90,
+            "from_site": airport,
+            "depart_at": first["legs"][0]["ready_at"],
+            "exclude_flights": [cancelled],
+        },
+    )
+    assert status == 201, second
+    assert second["from_site"] == airport and second["legs"][0]["from"] == airport
+    assert second["legs"][-1]["to"] == DESTINATION
+    assert all(
+        {k: leg[k] for k in ("carrier", "flight", "departs_at")} != cancelled
+        for leg in second["legs"]
+    )
+    assert second["legs"] != first["legs"]
+    assert _instant_of(second["eta"]) > _instant_of(first["eta"])
+    assert second["request"]["exclude_flights"] == [cancelled]
+    _, detail = await api.call("GET", f"/api/v1/shipments/{sid}")
+    assert detail["route"]["id"] == second["id"]
+    assert _instant_of(detail["eta"]) == _instant_of(second["eta"])
+    status, history = await api.call("GET", f"/api/v1/shipments/{sid}/route", as_="viewer")
+    assert status == 200
+    assert [r["id"] for r in history["items"]] == [second["id"], first["id"]]
+    _, audit = await api.call("GET", f"/api/v1/audit?entity=shipment&entity_id={sid}")
+    planned = [a for a in audit["items"] if a["action"] == "route.planned"]
+    assert [a["detail"]["route_id"] for a in planned] == [second["id"], first["id"]]
+    assert planned[0]["detail"]["from_site"] == airport
+    assert planned[0]["actor"].startswith("planner-user")
+
+
+async def test_a_route_that_cannot_be_planned_is_refused_with_the_reason_and_not_stored(
+    api: Api,
+) -> None:
+    sid = await _routable_shipment(api)
+    path = f"/api/v1/shipments/{sid}/route"
+    status, reply = await api.call("POST", path, as_="planner", body={"hold_hours": 8})
+    assert status == 409, reply
+    assert reply["error"]["code"] == "no_feasible_route"
+    assert "more hold time" in reply["error"]["message"]
+    assert (await api.call("GET", path))[1]["items"] == []
+    _, detail = await api.call("GET", f"/api/v1/shipments/{sid}")
+    assert detail["route"] is None and detail["eta"] is None
+    status, reply = await api.call(
+        "POST", path, as_="planner", body={"hold_hours": 96, "from_site": "NOWHERE"}
+    )
+    assert status == 400 and "NOWHERE" in reply["error"]["message"]
+    for role in ("viewer", "operator"):
+        status, reply = await api.call("POST", path, as_=role, body={"hold_hours": 96})
+        assert status == 403 and "routes" in reply["error"]["message"]
+    assert (await api.call("GET", path))[1]["items"] == []
+    # Once cancelled (or delivered) the route is history: no new plans.
+    cancel = {"type": "cancelled"}
+    assert (await api.call("POST", f"/api/v1/shipments/{sid}/events", body=cancel))[0] == 201
+    status, reply = await api.call("POST", path, as_="planner", body={"hold_hours": 96})
+    assert status == 409 and reply["error"]["code"] == "conflict"
+    assert "cancelled" in reply["error"]["message"]
