@@ -31,7 +31,8 @@ The model (DOMAIN.md, "What counts as an excursion"):
   cannot raise it); `started_at` is the reading at which it first did. It clears when the central
   forecast is back later than that by `HOLD_CLEAR_DEADBAND_H` or the level no longer falls. A
   jump up of `RECHARGE_JUMP_PCT` is an LN2 recharge: the trend restarts from it. Inactive without
-  `deliver_by` or with `profile.forecast_hold` false.
+  `deliver_by` or with `profile.forecast_hold` false. (The watch passes as `deliver_by` the later
+  of the shipment's deadline and its route's ETA: `coldchain.watch.cold_until`.)
 - **signal_lost** is judged on arrival, not device time: see `silence`.
 
 Late readings. The state keeps a watermark (the last evaluated `(ts, seq)`), compact

@@ -14,6 +14,11 @@ episode key and changes nothing. Evaluation assumes one instance evaluates a giv
 instance, or instances that each own their dewars); with an MQTT shared subscription spreading
 one dewar's messages over instances, alarms would be evaluated twice.
 
+Hold time at risk is judged against the latest time the product must still be cold: the later of
+the shipment's `deliver_by` and its current route's ETA (`cold_until`), so a shipment planned
+without a deadline is covered too. Both are learnt with the shipments (`_refresh`, at most every
+`SHIPMENTS_EVERY_S`, and at once after `shipments_changed`), never per reading.
+
 Signal lost is checked every `beat_s` (`SILENCE_EVERY_S` by default) against the arrival time
 of each shipment's last reading (its pack-out, until a first reading arrives). Unacknowledged
 alarms are repeated and escalated by `Store.remind_due` on the same beat.
@@ -53,15 +58,45 @@ _LATENCY: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 
 class _Tracked:
-    __slots__ = ("dirty", "fed_through", "last_received", "shipment", "signal_lost_since", "state")
+    __slots__ = (
+        "cold_until",
+        "dirty",
+        "eta",
+        "fed_through",
+        "last_received",
+        "shipment",
+        "signal_lost_since",
+        "state",
+    )
 
-    def __init__(self, shipment: Shipment, state: RuleState, fed_through: datetime | None) -> None:
+    def __init__(
+        self,
+        shipment: Shipment,
+        state: RuleState,
+        fed_through: datetime | None,
+        eta: datetime | None = None,
+    ) -> None:
         self.shipment = shipment
         self.state = state
         self.fed_through = fed_through
         self.last_received = fed_through or shipment.starts_at
         self.signal_lost_since: datetime | None = None
         self.dirty = False
+        self.eta = eta
+        self.cold_until = cold_until(shipment.deliver_by, eta)
+
+    def update(self, shipment: Shipment, eta: datetime | None) -> None:
+        self.shipment = shipment  # status, deliver_by and window may change
+        self.eta = eta  # a re-plan moves it
+        self.cold_until = cold_until(shipment.deliver_by, eta)
+
+
+def cold_until(deliver_by: datetime | None, eta: datetime | None) -> datetime | None:
+    """The latest time the product must still be cold: the later of its deliver_by and its
+    current route's ETA (either may be missing). The hold-at-risk rule measures against it."""
+    if deliver_by is None or eta is None:
+        return deliver_by or eta
+    return max(deliver_by, eta)
 
 
 def _decode_state(data: bytes) -> RuleState | None:
@@ -131,6 +166,7 @@ class Watch:
         self._refreshed = time.monotonic()
         self._stale = False
         shipments = await self._store.active_shipments()
+        etas = await self._store.route_etas()
         self._profiles = {p.profile.name: p.profile for p in await self._store.profiles()}
         by_dewar: dict[str, list[Shipment]] = defaultdict(list)
         for s in shipments:
@@ -141,11 +177,13 @@ class Watch:
         for s in new:
             saved = states.get(s.id)
             state = _decode_state(saved[0]) if saved else None
-            tracked = _Tracked(s, state or RuleState(), saved[1] if saved and state else None)
+            tracked = _Tracked(
+                s, state or RuleState(), saved[1] if saved and state else None, etas.get(s.id)
+            )
             self._tracked[s.id] = tracked
             await self._catch_up(tracked)
         for s in shipments:
-            self._tracked[s.id].shipment = s  # status, deliver_by and window may change
+            self._tracked[s.id].update(s, etas.get(s.id))
         active = {s.id for s in shipments}
         for gone in [sid for sid in self._tracked if sid not in active]:
             await self._save([self._tracked.pop(gone)])
@@ -253,7 +291,7 @@ class Watch:
             )
             return
         outcome = feed(
-            profile, tracked.state, [i.reading for i in items], deliver_by=shipment.deliver_by
+            profile, tracked.state, [i.reading for i in items], deliver_by=tracked.cold_until
         )
         transitions = outcome.transitions
         if outcome.replay is not None:
@@ -265,7 +303,7 @@ class Watch:
                 tracked.state,
                 outcome.replay,
                 [i.reading for i in history],
-                deliver_by=shipment.deliver_by,
+                deliver_by=tracked.cold_until,
             )
         newest = max(i.received_at for i in items)
         tracked.fed_through = max(tracked.fed_through or newest, newest)

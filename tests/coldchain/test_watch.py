@@ -1,16 +1,23 @@
 """The watch hands the rules only what they have not seen: after a catch-up that already fed the
 readings of batches still queued, those batches are not fed again (which would make the engine
-replay from the store for nothing), while a genuinely late reading still is."""
+replay from the store for nothing), while a genuinely late reading still is. And it judges the
+hold time against the later of the deadline and the planned route's ETA."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from coldchain.excursions import RuleState, feed
+import pytest
+
+from coldchain.alarms import Alarm
+from coldchain.auth import Actor, Role
+from coldchain.excursions import HOLD_AT_RISK, RuleState, feed
+from coldchain.metrics import Registry
 from coldchain.profiles import BUILT_IN
 from coldchain.shipments import Shipment, Status
-from coldchain.store import IncomingReading
-from coldchain.watch import _Tracked, _unseen
+from coldchain.store import IncomingReading, Store
+from coldchain.watch import Watch, _Tracked, _unseen, cold_until
+from routing import example_network
 from sensors import Reading
 
 PROFILE = {p.name: p for p in BUILT_IN}["cryo-vapor"]
@@ -57,3 +64,65 @@ def test_new_readings_and_late_ones_received_afterwards_are_kept() -> None:
     assert _unseen(tracked, [late, *newer]) == [late, *newer]
     mixed = [fed[9], late, newer[0]]
     assert _unseen(tracked, mixed) == [late, newer[0]]
+
+
+D1, D2 = T0 + timedelta(hours=30), T0 + timedelta(hours=48)
+
+
+@pytest.mark.parametrize(
+    ("deliver_by", "eta", "expected"),
+    [(None, None, None), (D1, None, D1), (None, D2, D2), (D1, D2, D2), (D2, D1, D2)],
+)
+def test_the_product_must_stay_cold_until_the_later_of_deadline_and_eta(
+    deliver_by: datetime | None, eta: datetime | None, expected: datetime | None
+) -> None:
+    assert cold_until(deliver_by, eta) == expected
+
+
+def _losing_ln2(dewar: str) -> list[IncomingReading]:
+    """4 h of a dewar upright but losing 6 %/h from 60 %: it runs dry about 10 h in."""
+    received = T0 + timedelta(hours=5)
+    return [
+        IncomingReading(
+            dewar,
+            Reading(
+                seq=i,
+                ts=T0 + timedelta(minutes=5 * i),
+                temp_c=-185.0 + (i % 4) * 0.1,
+                ln2_level_pct=60.0 - 6.0 * i / 12,
+                tilt_deg=2.0,
+            ),
+            received,
+        )
+        for i in range(48)
+    ]
+
+
+@pytest.mark.postgres
+async def test_hold_at_risk_uses_the_route_eta_when_the_shipment_has_no_deadline(
+    store: Store, unique: str
+) -> None:
+    await store.import_sites(list(example_network().sites.values()), "test")
+    planner = Actor(1, "planner", Role.PLANNER)
+    ids = {}
+    for which in ("routed", "unrouted"):
+        dewar = f"DW-{which}-{unique}"
+        shipment = Shipment(
+            f"SH-{which}-{unique}", dewar, "cryo-vapor", "MFG-MPN", "TC-NKI", None, None, None,
+            Status.IN_TRANSIT, T0, "test", T0, None,
+        )  # fmt: skip
+        await store.create_shipment(shipment, planner)
+        await store.write_batch(_losing_ln2(dewar), [])
+        ids[which] = shipment.id
+    # Planned to arrive in 48 h: the charge (about 10 h) runs out long before that.
+    await store.add_route(ids["routed"], "MFG-MPN", D2, {"legs": []}, {}, planner)
+    changed: list[Alarm] = []
+    watch = Watch(store, Registry(), on_change=changed.extend)
+    await watch._refresh(force=True)
+    routed = [a for a in await store.open_alarms(ids["routed"]) if a.rule == HOLD_AT_RISK]
+    assert len(routed) == 1
+    # Measured against the route's ETA: the message names it as the delivery.
+    assert f"delivery ({D2:%Y-%m-%d %H:%M} UTC)" in routed[0].message
+    unrouted = await store.open_alarms(ids["unrouted"])
+    assert all(a.rule != HOLD_AT_RISK for a in unrouted)
+    assert any(a.rule == HOLD_AT_RISK and a.shipment_id == ids["routed"] for a in changed)
