@@ -52,6 +52,13 @@ class StoreUnavailable(ColdchainError):
     code = "store_unavailable"
 
 
+class Unstorable(BadRequest):
+    """PostgreSQL refused the data itself (a value it cannot hold, a constraint, a size limit):
+    the same write fails again whatever the server's state, so retrying cannot help."""
+
+    code = "unstorable"
+
+
 class Unauthorized(ColdchainError):
     status = 401
     code = "unauthorized"

@@ -29,7 +29,11 @@ async def readyz(request: web.Request) -> web.Response:
     except (StoreUnavailable, TimeoutError) as exc:
         checks["database"] = f"unavailable: {exc}" if str(exc) else "unavailable: timed out"
     else:
-        checks["database"] = "ok" if app[keys.INGEST].store_ok else "unavailable: last write failed"
+        # PostgreSQL answers, but may still refuse writes (read-only, disk full...).
+        problem = app[keys.INGEST].store_problem
+        checks["database"] = (
+            "ok" if problem is None else f"unavailable: last write failed: {problem}"
+        )
     checks["mqtt"] = "ok" if app[keys.BROKER].connected else "unavailable: not connected"
     ready = all(value == "ok" for value in checks.values())
     return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)

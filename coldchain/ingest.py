@@ -8,11 +8,15 @@ whole batch in one write. A batch is written when it holds `batch_size` readings
 `flush_interval_s` after its first message. No task or future is made per message: at tens of
 thousands of messages a second those were a third of the service's CPU.
 
-If PostgreSQL is unreachable the writer keeps the same batch and retries with capped backoff;
-nothing is acknowledged meanwhile, and once `max_outstanding` messages are held the link stops
+If a write fails for any reason but the data itself (PostgreSQL unreachable, read-only after a
+failover, out of disk or memory, shutting down, or an error nobody expected), the writer keeps
+the same batch and retries with capped backoff, and the store is not ready; nothing is
+acknowledged meanwhile, and once `max_outstanding` messages are held the link stops
 reading, so memory stays bounded and the broker keeps the rest. A crash at any point loses
 nothing: unacknowledged messages are delivered again and their readings are stored once by
-`(dewar_id, seq)`.
+`(dewar_id, seq)`. Only when PostgreSQL refuses the data itself (`Unstorable`: a value, a
+constraint, a size limit) are the batch's messages written one at a time, and each one refused
+on its own becomes a dead letter.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Final, Protocol
 
 import msgspec
 
-from coldchain.errors import StoreUnavailable
+from coldchain.errors import StoreUnavailable, Unstorable
 from coldchain.metrics import Registry
 from coldchain.store import BatchResult, DeadLetter, DewarStatus, IncomingReading, Store
 from sensors import parse_message
@@ -97,7 +101,7 @@ class IngestMetrics:
         )
         self.commit_failures = r.counter(
             "coldchain_ingest_commit_failures_total",
-            "Batch writes that failed: PostgreSQL was unavailable",
+            "Batch writes that failed and were held for a retry: PostgreSQL was unavailable",
         )
         self.read_pauses = r.counter(
             "coldchain_ingest_read_pauses_total",
@@ -140,7 +144,7 @@ class Ingest:
         self._parked_readings = 0
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
-        self._store_ok = True
+        self._store_problem: str | None = None
         self._max_outstanding = max_outstanding
         self._link: BrokerControl | None = None
         self._after_commit: Callable[[list[IncomingReading]], Awaitable[None]] | None = None
@@ -175,7 +179,12 @@ class Ingest:
     @property
     def store_ok(self) -> bool:
         """False from a failed write until the next successful one."""
-        return self._store_ok
+        return self._store_problem is None
+
+    @property
+    def store_problem(self) -> str | None:
+        """Why the last write failed, until one succeeds; None while writes go through."""
+        return self._store_problem
 
     @property
     def pending(self) -> int:
@@ -295,11 +304,13 @@ class Ingest:
         started = time.monotonic()
         try:
             result = await self._commit(readings, dead, statuses)
-        except Exception:
-            # Not a connection problem: something in the batch is refused. Store message by
-            # message, so the culprit becomes a dead letter and its neighbours go in as usual.
-            logger.exception(
-                "a batch of %d message(s) was refused; storing them one by one", len(batch)
+        except Unstorable as exc:
+            # PostgreSQL refused something in the batch itself. Store message by message, so
+            # the culprit becomes a dead letter and its neighbours go in as usual.
+            logger.warning(
+                "a batch of %d message(s) was refused (%s); storing them one by one",
+                len(batch),
+                exc,
             )
             result = BatchResult(0, 0, 0)
             kept = []
@@ -324,9 +335,11 @@ class Ingest:
     async def _write_alone(self, parked: _Parked) -> BatchResult | None:
         try:
             return await self._commit(parked.readings, parked.dead_letters, parked.statuses)
-        except Exception as exc:
-            reason = f"could not be stored ({type(exc).__name__}: {str(exc)[:300]})"
-            logger.exception("message on %s refused by the database; dead-lettered", parked.topic)
+        except Unstorable as exc:
+            reason = f"could not be stored ({exc.message[:300]})".replace("\x00", "\\u0000")
+            logger.warning(
+                "message on %s refused by the database; dead-lettered: %s", parked.topic, exc
+            )
             letter = DeadLetter(
                 datetime.now(UTC),
                 parked.topic,
@@ -337,7 +350,7 @@ class Ingest:
             )
             try:
                 return await self._commit([], [letter], [])
-            except Exception:
+            except Unstorable:
                 logger.exception(
                     "could not even dead-letter the message on %s; it stays unacknowledged",
                     parked.topic,
@@ -347,30 +360,40 @@ class Ingest:
     async def _commit(
         self, readings: list[IncomingReading], dead: list[DeadLetter], statuses: list[DewarStatus]
     ) -> BatchResult:
-        """Write and commit, waiting out PostgreSQL outages with capped backoff; other errors
-        propagate."""
+        """Write and commit, holding the work and retrying with capped backoff through any
+        failure but `Unstorable` (the data itself refused), which propagates."""
         delay = 0.1
         while True:
             try:
                 result = await self._store.write_batch(readings, dead, statuses)
+            except Unstorable:
+                raise
             except StoreUnavailable as exc:
-                failure: StoreUnavailable | None = exc
+                problem: str | None = str(exc)
+            except Exception as exc:
+                # Not the data: an error nobody foresaw. Log it with its traceback and treat it
+                # as the server's trouble, since dead-lettering on a guess could cost readings.
+                problem = f"{type(exc).__name__}: {exc}"
+                if self._store_problem is None:
+                    logger.exception("telemetry write failed unexpectedly")
             else:
-                failure = None
-            if failure is not None:
+                problem = None
+            if problem is not None:
+                # PostgreSQL is away, read-only, out of disk or memory, shutting down...: none
+                # of it is the messages' fault, so hold them all, say not ready, and try again.
                 self.metrics.commit_failures.inc()
-                if self._store_ok:
+                if self._store_problem is None:
                     logger.error(
                         "cannot write telemetry (%s); holding messages unacknowledged and retrying",
-                        failure,
+                        problem,
                     )
-                self._store_ok = False
+                self._store_problem = problem
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._backoff_cap_s)
                 continue
-            if not self._store_ok:
-                logger.info("PostgreSQL is back; telemetry writes resumed")
-            self._store_ok = True
+            if self._store_problem is not None:
+                logger.info("PostgreSQL takes writes again; telemetry writes resumed")
+            self._store_problem = None
             return result
 
 

@@ -1,7 +1,9 @@
 """PostgreSQL access: the one module that holds SQL and imports asyncpg.
 
-It hands out the project's own dataclasses, never asyncpg records, and turns the driver's
-connection failures into `StoreUnavailable`, which callers treat as "wait and retry".
+It hands out the project's own dataclasses, never asyncpg records, and turns errors about the
+server's state (unreachable, read-only, out of disk, shutting down...) into `StoreUnavailable`,
+which callers treat as "wait and retry"; the ingest's writes turn errors about the data itself
+into `Unstorable`.
 Schema changes are numbered SQL files under `coldchain/migrations/`, applied in order, each once.
 """
 
@@ -31,7 +33,7 @@ from coldchain.alarms import (
     close_check,
 )
 from coldchain.auth import Actor, Role
-from coldchain.errors import BadRequest, Conflict, NotFound, StoreUnavailable
+from coldchain.errors import BadRequest, Conflict, NotFound, StoreUnavailable, Unstorable
 from coldchain.profiles import BUILT_IN, Profile, Severity
 from coldchain.shipments import AuditEntry, CustodyEvent, EventType, Shipment, Status, next_status
 from routing import Flight, Lane, LaneMode, ReceivingHours, Site, SiteKind
@@ -57,22 +59,34 @@ if TYPE_CHECKING:
     # What the pool hands out: a proxy with the Connection API (generic only in the stubs).
     Connection = asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
 
-# The errors after which the same work may succeed later: the server went away, refused us,
-# is starting or shutting down, or chose this transaction as a deadlock victim.
-_TRANSIENT: Final = (
-    OSError,
-    TimeoutError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.DeadlockDetectedError,
-    asyncpg.exceptions.SerializationError,
+# The errors that are about the server's state, not the work: the same work may succeed later,
+# so the caller holds it and retries. Besides the driver's own (no route, a closed connection,
+# a timeout), SQLSTATE classes 08 (connection), 40 (serialization failure, deadlock), 53
+# (insufficient resources: disk full, out of memory, too many connections), 57 (operator
+# intervention: shutdown, restart, cancel), 58 (system error: I/O) and XX (internal error,
+# corruption), and three codes of their own: 25006 (a read-only transaction, as on a standby
+# after a failover), 25P03 (idle-in-transaction timeout), 55P03 (a lock not available).
+_TRANSIENT: Final = (OSError, TimeoutError, asyncpg.exceptions.InterfaceError)
+_TRANSIENT_CLASSES: Final = frozenset({"08", "40", "53", "57", "58", "XX"})
+_TRANSIENT_STATES: Final = frozenset({"25006", "25P03", "55P03"})
+
+# The errors that are about the data written and nothing else: a value PostgreSQL cannot hold
+# (class 22, or out of range for the driver), a constraint (class 23), a size limit (class 54).
+# Only these may make the ingest dead-letter a message.
+_REFUSED_DATA: Final = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.IntegrityConstraintViolationError,
+    asyncpg.exceptions.ProgramLimitExceededError,
+    OverflowError,
 )
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(exc.sqlstate)
+        return state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES
+    return isinstance(exc, _TRANSIENT)
+
 
 _READING_COLUMNS: Final = (
     "dewar_id",
@@ -227,8 +241,6 @@ class TelemetryStore:
         try:
             async with self._pool.acquire() as conn:
                 yield conn
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}") from exc
         except (
             asyncpg.exceptions.InvalidAuthorizationSpecificationError,  # 28000, 28P01 password
             asyncpg.exceptions.InvalidCatalogNameError,  # 3D000 no such database
@@ -246,6 +258,10 @@ class TelemetryStore:
             # Text PostgreSQL cannot hold (a NUL character, in text or inside jsonb): the
             # caller's input, not our fault.
             raise BadRequest("text with a NUL character cannot be stored or searched") from exc
+        except Exception as exc:
+            if not _transient(exc):
+                raise
+            raise StoreUnavailable(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}") from exc
 
     async def ping(self) -> None:
         """Raise StoreUnavailable unless a round trip to PostgreSQL succeeds."""
@@ -295,9 +311,23 @@ class TelemetryStore:
     ) -> BatchResult:
         """Store readings, dead letters and device statuses in one transaction.
 
-        On return everything is durable (the caller may acknowledge the messages);
-        on StoreUnavailable nothing is, and the same batch can be written again.
+        On return everything is durable (the caller may acknowledge the messages). On
+        Unstorable nothing is, because PostgreSQL refused something in the batch itself; on
+        any other error nothing is either, and the same batch can be written again later.
         """
+        try:
+            return await self._write_batch(readings, dead_letters, statuses)
+        except _REFUSED_DATA as exc:
+            raise Unstorable(f"PostgreSQL refused the data: {type(exc).__name__}: {exc}") from exc
+        except BadRequest as exc:  # text with NUL, as `_connection` reports it
+            raise Unstorable(exc.message) from exc
+
+    async def _write_batch(
+        self,
+        readings: Sequence[IncomingReading],
+        dead_letters: Sequence[DeadLetter],
+        statuses: Sequence[DewarStatus],
+    ) -> BatchResult:
         async with self._connection() as conn, conn.transaction():
             stored = 0
             if readings:

@@ -3,9 +3,11 @@ real broker and a real database."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -335,3 +337,111 @@ async def test_a_reading_the_database_cannot_hold_spoils_only_itself_in_a_batch(
             1,
         ),
     ]
+
+
+async def readiness(base: str) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as session, session.get(f"{base}/readyz") as response:
+        body: dict[str, Any] = await response.json()
+        return response.status, body
+
+
+async def test_a_database_that_refuses_writes_holds_every_reading_and_says_not_ready(
+    database_url: str, mqtt_url: str, unique: str
+) -> None:
+    """PostgreSQL answering but refusing writes (read-only, as a standby after a failover; disk
+    full and out of memory take the same path) used to be blamed on the messages: each became a
+    dead letter, or, when even that write failed, was dropped unacknowledged, while /readyz
+    did not say "not ready"."""
+    dewar = f"DW-{unique}"
+    now = datetime.now(UTC).replace(microsecond=0)
+    batch = readings(300, start=now - timedelta(hours=1), step=timedelta(seconds=1))
+    messages = [(telemetry_topic(dewar), encode_reading(r)) for r in batch[:200]]
+    messages.append((telemetry_topic(dewar), encode_batch(batch[200:])))
+
+    async def stored() -> int:
+        return await count_rows(
+            database_url, "SELECT count(*) FROM readings WHERE dewar_id = $1", dewar
+        )
+
+    async def dead() -> int:
+        return await count_rows(database_url, "SELECT count(*) FROM dead_letters")
+
+    # Opened before the switch, so this session stays read-write and can switch it back.
+    admin = await asyncpg.connect(database_url)
+    name = await admin.fetchval("SELECT current_database()")
+    settings = service_settings(database_url, mqtt_url, f"svc-{unique}")
+    try:
+        async with running_service(settings) as base:
+            publish_all(mqtt_url, messages[:100], client_id=f"pub-{unique}")
+            await eventually(stored, lambda n: n >= 100)
+            await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            publish_all(mqtt_url, messages[100:], client_id=f"pub-{unique}")
+            await eventually(lambda: readiness(base), lambda r: r[0] == 503)
+            for _ in range(6):  # held, not blamed on the messages, for as long as it lasts
+                status, body = await readiness(base)
+                assert status == 503, body
+                assert str(body["checks"]["database"]).startswith("unavailable: ")
+                assert "PostgreSQL" in body["checks"]["database"]
+                assert "read-only" in body["checks"]["database"]
+                assert await dead() == 0
+                await asyncio.sleep(0.5)
+            assert await stored() == 100
+            await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+            await eventually(stored, lambda n: n >= len(batch))
+            await eventually(lambda: readiness(base), lambda r: r[0] == 200)
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+        await admin.close()
+    conn = await asyncpg.connect(database_url)
+    try:
+        seqs = [r["seq"] for r in await conn.fetch("SELECT seq FROM readings ORDER BY seq")]
+    finally:
+        await conn.close()
+    assert seqs == list(range(len(batch)))
+    assert await dead() == 0
+
+
+async def test_a_reading_the_database_refuses_is_dead_lettered_alone(
+    database_url: str, mqtt_url: str, unique: str
+) -> None:
+    """An error about the data itself (here a CHECK constraint the schema does not know) still
+    dead-letters the message that carries it, and only that one."""
+    dewar = f"DW-{unique}"
+    now = datetime.now(UTC).replace(microsecond=0)
+    good = readings(3, start=now - timedelta(minutes=5))
+    refused = Reading(seq=7, ts=now - timedelta(minutes=1), temp_c=-123.25)
+    settings = service_settings(database_url, mqtt_url, f"svc-{unique}")
+    async with running_service(settings) as base:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(
+                "ALTER TABLE readings ADD CONSTRAINT no_test_value CHECK (temp_c <> -123.25)"
+            )
+        finally:
+            await conn.close()
+        messages = [(telemetry_topic(dewar), encode_reading(r)) for r in good[:2]]
+        messages.append((telemetry_topic(dewar), encode_reading(refused)))
+        messages.append((telemetry_topic(dewar), encode_reading(good[2])))
+        publish_all(mqtt_url, messages, client_id=f"pub-{unique}")
+        letters = await eventually(
+            lambda: dead_letters_of(base, database_url, dewar), lambda d: len(d) >= 1
+        )
+        await eventually(
+            lambda: count_rows(
+                database_url, "SELECT count(*) FROM readings WHERE dewar_id = $1", dewar
+            ),
+            lambda n: n >= 3,
+        )
+        status, _ = await readiness(base)
+    assert status == 200
+    assert (
+        await count_rows(database_url, "SELECT count(*) FROM readings WHERE dewar_id = $1", dewar)
+        == 3
+    )
+    assert len(letters) == 1
+    assert "CheckViolationError" in str(letters[0]["reason"])
+    assert letters[0]["payload"] == encode_reading(refused).decode()
