@@ -28,6 +28,8 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("gmqtt").setLevel(logging.WARNING if level != "DEBUG" else logging.DEBUG)
     # ...and warns of writes to a closed socket when a PUBACK is dropped on purpose at shutdown.
     logging.getLogger("gmqtt.mqtt.protocol").setLevel(logging.ERROR)
+    # fpdf2's font subsetting logs every table it prunes at INFO, for every PDF report.
+    logging.getLogger("fontTools").setLevel(logging.WARNING)
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
