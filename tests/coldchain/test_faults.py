@@ -324,3 +324,56 @@ async def test_database_unreachable_for_20_seconds_loses_nothing(
     assert pending[-1] > 0
     assert max(pending) <= 300 + 400, pending
     await assert_exactly_once(url, unique, items)
+
+
+async def test_database_unreachable_for_20_seconds_the_service_recovers_by_itself(
+    private_postgres: EmbeddedPostgres, broker: EmbeddedBroker, unique: str, tmp_path: Path
+) -> None:
+    """Fault 3 with no help: PostgreSQL stops for 20 s mid-stream while the same service
+    process keeps running. It says not ready throughout, holds what it receives, and when
+    PostgreSQL is back it stores every reading once and says ready again, all by itself."""
+    url = private_postgres.url
+    store = await Store.open(url)
+    await store.migrate()
+    await store.close()
+    items = stream(6000, unique)
+    service = ServiceProcess(
+        url, broker.url, f"svc-{unique}", tmp_path / "service.log", mqtt_receive_maximum="300"
+    )
+    await service.start()
+    assert service.process is not None
+    pid = service.process.pid
+    try:
+        feeder = Feeder(broker.url, f"pub-{unique}", items, chunk=100, pause_s=0.1)
+        feeding = asyncio.create_task(feeder.run())
+        await eventually(lambda: stored_count(url, unique), lambda n: n >= 1000, interval=0.02)
+        await asyncio.to_thread(private_postgres.stop)
+        down_since = time.monotonic()
+        statuses = []
+        pending = []
+        while time.monotonic() - down_since < 20:
+            status, body = await get(f"{service.base}/readyz")
+            statuses.append((status, body["checks"]))
+            pending.append(await metric(service.base, "coldchain_ingest_pending_messages"))
+            await asyncio.sleep(1.0)
+        await asyncio.to_thread(private_postgres.start)
+        back_at = await eventually(
+            lambda: get(f"{service.base}/readyz"), lambda r: r[0] == 200, within=30
+        )
+        await feeding
+        await feeder.finish()
+        await eventually(lambda: stored_count(url, unique), lambda n: n >= len(items), within=60)
+        after, _ = await get(f"{service.base}/readyz")
+        assert service.process.poll() is None and service.process.pid == pid, "it was restarted"
+    finally:
+        service.stop()
+    assert len(statuses) >= 15
+    assert all(status == 503 for status, _ in statuses), statuses
+    assert all(
+        str(checks["database"]).startswith("unavailable")  # type: ignore[index]
+        for _, checks in statuses
+    )
+    assert back_at[1]["checks"] == {"database": "ok", "mqtt": "ok"}
+    assert after == 200
+    assert max(pending) > 0, "the outage landed after the stream was stored"
+    await assert_exactly_once(url, unique, items)
