@@ -1427,36 +1427,53 @@ class Store(ShipmentStore):
     ) -> list[Alarm]:
         """Upsert the episodes' alarms, record each change, and queue its notifications, in one
         transaction. Idempotent: a transition already applied changes nothing."""
+        return await self.apply_transitions_of([(shipment, transitions)])
+
+    async def apply_transitions_of(
+        self, work: Sequence[tuple[Shipment, Sequence[Transition]]]
+    ) -> list[Alarm]:
+        """`apply_transitions` for several shipments in one transaction (a committed batch's
+        worth), each shipment's in order: one commit and one look at the recipients for all."""
         changed: list[Alarm] = []
-        if not transitions:
+        if not any(transitions for _, transitions in work):
             return changed
         async with self._connection() as conn, conn.transaction():
             recipients = await self._recipients(conn)
-            for t in transitions:
-                alarm = await self._apply_one(conn, shipment, t)
-                if alarm is not None:
-                    change_id = await self._record_change(
-                        conn, alarm, shipment, recipients, None, None
-                    )
-                    await _audit(
-                        conn,
-                        RULES_ACTOR,
-                        _TRANSITION_ACTIONS[t.kind],
-                        "alarm",
-                        str(alarm.id),
-                        {
-                            "change_id": change_id,
-                            "rule": alarm.rule,
-                            "shipment_id": alarm.shipment_id,
-                            "state": str(alarm.state),
-                            "severity": str(alarm.severity),
-                            "at": t.at,  # device time
-                            "value": t.value,
-                            "limit": t.limit,
-                            "message": alarm.message,
-                        },
-                    )
-                    changed.append(alarm)
+            for shipment, transitions in work:
+                changed += await self._apply_all(conn, shipment, transitions, recipients)
+        return changed
+
+    async def _apply_all(
+        self,
+        conn: Connection,
+        shipment: Shipment,
+        transitions: Sequence[Transition],
+        recipients: list[Recipient],
+    ) -> list[Alarm]:
+        changed: list[Alarm] = []
+        for t in transitions:
+            alarm = await self._apply_one(conn, shipment, t)
+            if alarm is not None:
+                change_id = await self._record_change(conn, alarm, shipment, recipients, None, None)
+                await _audit(
+                    conn,
+                    RULES_ACTOR,
+                    _TRANSITION_ACTIONS[t.kind],
+                    "alarm",
+                    str(alarm.id),
+                    {
+                        "change_id": change_id,
+                        "rule": alarm.rule,
+                        "shipment_id": alarm.shipment_id,
+                        "state": str(alarm.state),
+                        "severity": str(alarm.severity),
+                        "at": t.at,  # device time
+                        "value": t.value,
+                        "limit": t.limit,
+                        "message": alarm.message,
+                    },
+                )
+                changed.append(alarm)
         return changed
 
     async def _apply_one(self, conn: Connection, shipment: Shipment, t: Transition) -> Alarm | None:

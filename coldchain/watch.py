@@ -4,13 +4,15 @@ into alarms, notifications and live events.
 After each ingest commit the writer hands the batch's readings to `Watch.committed` (a bounded
 queue: if evaluation falls behind, ingest waits for it). The watch groups them by the shipment
 that owns each dewar at that device time, feeds them to `coldchain.excursions.feed` (or `replay`
-for a late backlog, reading the stored history back), and applies the transitions in one
-transaction with their outbox rows; the dispatcher is woken at once.
+for a late backlog, reading the stored history back), and queues the transitions for the alarm
+writer, which applies all that accumulated in one transaction with their outbox rows and wakes
+the dispatcher; evaluation of the next batches goes on meanwhile.
 
 Durability: rule state is saved every `SAVE_EVERY_S` with `fed_through`, the arrival time of the
-newest reading fed. On start the watch reloads each active shipment's state and feeds what
-arrived after `fed_through`, so a restart resets no delay; anything re-derived has the same
-episode key and changes nothing. Evaluation assumes one instance evaluates a given dewar (one
+newest reading fed, and only once every transition emitted before the state was taken is applied.
+On start the watch reloads each active shipment's state and feeds what arrived after
+`fed_through`, so a restart resets no delay; anything re-derived has the same episode key and
+changes nothing. Evaluation assumes one instance evaluates a given dewar (one
 instance, or instances that each own their dewars); with an MQTT shared subscription spreading
 one dewar's messages over instances, alarms would be evaluated twice.
 
@@ -51,6 +53,8 @@ SAVE_EVERY_S: Final = 15.0
 SILENCE_EVERY_S: Final = 15.0
 SHIPMENTS_EVERY_S: Final = 2.0
 QUEUE_BATCHES: Final = 64
+MAX_PENDING: Final = 5000  # shipments' worth of alarm changes queued before evaluation waits
+FLUSH_TIMEOUT_S: Final = 5.0
 # Rule state is saved as msgpack: compact, and several times cheaper to encode than JSON.
 _state_encoder: Final = msgspec.msgpack.Encoder()
 _state_decoder: Final = msgspec.msgpack.Decoder(RuleState)
@@ -142,6 +146,12 @@ class Watch:
         self._refreshed = 0.0
         self._stale = False
         self.ready = asyncio.Event()
+        # The alarm writer's queue: transitions in evaluation order, kept until applied.
+        self._pending: list[tuple[Shipment, list[Transition]]] = []
+        self._enqueued = 0  # entries ever put in `_pending`
+        self._applied = 0  # entries ever applied (or given up on)
+        self._work = asyncio.Event()
+        self._progress = asyncio.Event()
         self._eval_seconds = registry.histogram(
             "coldchain_rules_batch_seconds", "Time to evaluate one committed batch", _LATENCY
         )
@@ -204,15 +214,21 @@ class Watch:
     # The loops -----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self._refresh(force=True)
-                break
-            except StoreUnavailable as exc:
-                logger.warning("rules cannot start yet: %s", exc)
-                await asyncio.sleep(1.0)
-        self.ready.set()
-        await asyncio.gather(self._consume(), self._beat())
+        writer = asyncio.create_task(self._write_alarms(), name="alarm writer")
+        try:
+            while True:
+                try:
+                    await self._refresh(force=True)
+                    break
+                except StoreUnavailable as exc:
+                    logger.warning("rules cannot start yet: %s", exc)
+                    await asyncio.sleep(1.0)
+            self.ready.set()
+            await asyncio.gather(self._consume(), self._beat(), writer)
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
 
     async def _consume(self) -> None:
         while True:
@@ -251,9 +267,84 @@ class Watch:
                 logger.warning("rules beat skipped: %s", exc)
 
     async def flush(self) -> None:
-        """Save every changed rule state now (on shutdown)."""
+        """On shutdown, after `run` was cancelled: apply what the alarm writer had not, then
+        save every changed rule state. If the transitions cannot be applied, no state is saved:
+        the next start re-derives them from the readings (same episode keys)."""
         with contextlib.suppress(StoreUnavailable):
+            if self._pending:
+                try:
+                    async with asyncio.timeout(FLUSH_TIMEOUT_S):
+                        await self._store.apply_transitions_of(self._pending)
+                except TimeoutError:
+                    logger.warning(
+                        "%d shipments' alarm changes not applied at shutdown; rule state not "
+                        "saved, the next start re-derives them",
+                        len(self._pending),
+                    )
+                    return
+                self._applied += len(self._pending)
+                self._pending.clear()
             await self._save([t for t in self._tracked.values() if t.dirty])
+
+    # The alarm writer ------------------------------------------------------------------------
+
+    def _enqueue(self, shipment: Shipment, transitions: list[Transition]) -> None:
+        self._pending.append((shipment, transitions))
+        self._enqueued += 1
+        self._work.set()
+
+    async def _write_alarms(self) -> None:
+        """Apply queued transitions, all that accumulated in one transaction, in order. Rules go
+        on evaluating the next batches meanwhile, so the database's round trips for alarms do
+        not hold up evaluation. Nothing is dropped while PostgreSQL is away."""
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            while self._pending:
+                work = self._pending[:]
+                try:
+                    changed = await self._store.apply_transitions_of(work)
+                except StoreUnavailable as exc:
+                    logger.warning("alarm changes waiting for PostgreSQL: %s", exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                except Exception:
+                    logger.exception(
+                        "alarm changes of %d shipments failed together; trying each alone",
+                        len(work),
+                    )
+                    changed = await self._apply_one_by_one(work)
+                del self._pending[: len(work)]
+                self._applied += len(work)
+                self._progress.set()
+                self._changed(changed)
+
+    async def _apply_one_by_one(self, work: list[tuple[Shipment, list[Transition]]]) -> list[Alarm]:
+        """After an unexpected failure: each shipment on its own, so that one shipment's bad
+        transition (a bug) costs only its own alarms, and says so in the log."""
+        changed: list[Alarm] = []
+        for shipment, transitions in work:
+            while True:
+                try:
+                    changed += await self._store.apply_transitions(shipment, transitions)
+                    break
+                except StoreUnavailable as exc:
+                    logger.warning("alarm changes waiting for PostgreSQL: %s", exc)
+                    await asyncio.sleep(1.0)
+                except Exception:
+                    logger.exception(
+                        "alarm changes of shipment %s could not be applied: %s",
+                        shipment.id,
+                        ", ".join(f"{t.rule} {t.kind}" for t in transitions),
+                    )
+                    break
+        return changed
+
+    async def _applied_through(self, target: int) -> None:
+        """Wait until the first `target` queued entries are applied."""
+        while self._applied < target:
+            self._progress.clear()
+            await self._progress.wait()
 
     # Work ----------------------------------------------------------------------------------
 
@@ -280,7 +371,10 @@ class Watch:
                     )
                     await self._evaluate(tracked, mine)
                     if tracked.signal_lost_since is not None:
-                        await self._silence_one(tracked, datetime.now(UTC))
+                        self._silence_one(tracked, datetime.now(UTC))
+        if len(self._pending) > MAX_PENDING:
+            # PostgreSQL is slow or away: let the ingest feel it rather than hold more here.
+            await self._applied_through(self._enqueued - MAX_PENDING // 2)
 
     async def _evaluate(self, tracked: _Tracked, items: Sequence[IncomingReading]) -> None:
         shipment = tracked.shipment
@@ -309,16 +403,13 @@ class Watch:
         tracked.fed_through = max(tracked.fed_through or newest, newest)
         tracked.dirty = True
         if transitions:
-            changed = await self._store.apply_transitions(
-                shipment, [_transition(t) for t in transitions]
-            )
-            self._changed(changed)
+            self._enqueue(shipment, [_transition(t) for t in transitions])
 
     async def _check_silence(self, now: datetime) -> None:
         for tracked in list(self._tracked.values()):
-            await self._silence_one(tracked, now)
+            self._silence_one(tracked, now)
 
-    async def _silence_one(self, tracked: _Tracked, now: datetime) -> None:
+    def _silence_one(self, tracked: _Tracked, now: datetime) -> None:
         profile = self._profiles.get(tracked.shipment.profile)
         if profile is None:
             return
@@ -326,8 +417,7 @@ class Watch:
         if t is None:
             return
         tracked.signal_lost_since = t.started_at if str(t.kind) == "raised" else None
-        changed = await self._store.apply_transitions(tracked.shipment, [_transition(t)])
-        self._changed(changed)
+        self._enqueue(tracked.shipment, [_transition(t)])
 
     def _changed(self, alarms: list[Alarm]) -> None:
         if alarms:
@@ -335,15 +425,25 @@ class Watch:
             self._on_change(alarms)
 
     async def _save(self, tracked: Sequence[_Tracked]) -> None:
+        """Save rule states, never ahead of the alarms: a state is written only once every
+        transition emitted before it was taken is applied, so a crash in between cannot leave
+        a saved state whose alarm changes are lost (the next start re-derives them)."""
         rows = [
             (t.shipment.id, _state_encoder.encode(t.state), t.fed_through)
             for t in tracked
             if t.fed_through is not None
         ]
-        if rows:
-            await self._store.save_rule_states(rows)
+        target = self._enqueued
         for t in tracked:
             t.dirty = False
+        try:
+            await self._applied_through(target)
+            if rows:
+                await self._store.save_rule_states(rows)
+        except BaseException:
+            for t in tracked:
+                t.dirty = True
+            raise
 
 
 def _unseen(tracked: _Tracked, items: list[IncomingReading]) -> list[IncomingReading]:

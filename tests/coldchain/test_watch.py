@@ -5,20 +5,25 @@ hold time against the later of the deadline and the planned route's ETA."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from coldchain.alarms import Alarm
 from coldchain.auth import Actor, Role
+from coldchain.errors import StoreUnavailable
 from coldchain.excursions import HOLD_AT_RISK, RuleState, feed
 from coldchain.metrics import Registry
 from coldchain.profiles import BUILT_IN
 from coldchain.shipments import Shipment, Status
-from coldchain.store import IncomingReading, Store
+from coldchain.store import IncomingReading, Store, Transition
 from coldchain.watch import Watch, _Tracked, _unseen, cold_until
 from routing import example_network
 from sensors import Reading
+from tests.support import eventually
 
 PROFILE = {p.name: p for p in BUILT_IN}["cryo-vapor"]
 T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
@@ -118,11 +123,89 @@ async def test_hold_at_risk_uses_the_route_eta_when_the_shipment_has_no_deadline
     await store.add_route(ids["routed"], "MFG-MPN", D2, {"legs": []}, {}, planner)
     changed: list[Alarm] = []
     watch = Watch(store, Registry(), on_change=changed.extend)
-    await watch._refresh(force=True)
-    routed = [a for a in await store.open_alarms(ids["routed"]) if a.rule == HOLD_AT_RISK]
+    running = asyncio.create_task(watch.run())
+    try:
+        # Start-up catches the shipments up; the alarm writer applies what that raised.
+        await asyncio.wait_for(watch.ready.wait(), 30)
+
+        async def routed_alarms() -> list[Alarm]:
+            return [a for a in await store.open_alarms(ids["routed"]) if a.rule == HOLD_AT_RISK]
+
+        routed = await eventually(routed_alarms, lambda found: len(found) > 0)
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await watch.flush()
     assert len(routed) == 1
     # Measured against the route's ETA: the message names it as the delivery.
     assert f"delivery ({D2:%Y-%m-%d %H:%M} UTC)" in routed[0].message
     unrouted = await store.open_alarms(ids["unrouted"])
     assert all(a.rule != HOLD_AT_RISK for a in unrouted)
     assert any(a.rule == HOLD_AT_RISK and a.shipment_id == ids["routed"] for a in changed)
+
+
+class _Outage(Store):
+    """The real store, whose alarm writes fail as if PostgreSQL were away until `back`."""
+
+    down = True
+    attempts = 0
+
+    async def apply_transitions_of(
+        self, work: Sequence[tuple[Shipment, Sequence[Transition]]]
+    ) -> list[Alarm]:
+        self.attempts += 1
+        if self.down:
+            raise StoreUnavailable("PostgreSQL is away (test)")
+        return await super().apply_transitions_of(work)
+
+
+@pytest.mark.postgres
+async def test_alarm_changes_wait_out_an_outage_and_no_state_is_saved_ahead_of_them(
+    database_url: str, unique: str
+) -> None:
+    store = await _Outage.open(database_url)
+    try:
+        await store.migrate()
+        await store.import_sites(list(example_network().sites.values()), "test")
+        dewar = f"DW-OUT-{unique}"
+        shipment = Shipment(
+            f"SH-OUT-{unique}", dewar, "cryo-vapor", "MFG-MPN", "TC-NKI", None, None, None,
+            Status.IN_TRANSIT, T0, "test", T0, None,
+        )  # fmt: skip
+        await store.create_shipment(shipment, Actor(1, "planner", Role.PLANNER))
+        # 20 min above the glass transition: critical after its 1 min delay.
+        warm = [
+            IncomingReading(dewar, Reading(seq=i, ts=T0 + timedelta(minutes=i), temp_c=-120.0), T0)
+            for i in range(20)
+        ]
+        await store.write_batch(warm, [])
+        watch = Watch(store, Registry(), on_change=lambda alarms: None)
+        running = asyncio.create_task(watch.run())
+        try:
+            await asyncio.wait_for(watch.ready.wait(), 30)
+            await eventually(lambda: _attempts(store), lambda n: n >= 2)
+            # The rules have moved on, but their state may not be saved ahead of the alarm.
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(watch._save(list(watch._tracked.values())), 0.5)
+            assert await store.rule_states([shipment.id]) == {}
+            store.down = False
+
+            async def glass() -> list[Alarm]:
+                found = await store.open_alarms(shipment.id)
+                return [a for a in found if a.rule == "temp_glass_transition"]
+
+            raised = await eventually(glass, lambda found: len(found) == 1)
+            assert raised[0].started_at == T0
+            await watch._save(list(watch._tracked.values()))
+            assert shipment.id in await store.rule_states([shipment.id])
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+    finally:
+        await store.close()
+
+
+async def _attempts(store: _Outage) -> int:
+    return store.attempts
