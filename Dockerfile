@@ -1,12 +1,25 @@
 # The coldchain service image (docker-compose.yml builds it).
+
+# The dashboard's front-end libraries come from the npm registry (dashboards/package-lock.json);
+# `npm ci` copies what the page loads into dashboards/web/vendor.
+FROM node:20-slim AS dashboard
+WORKDIR /build
+COPY dashboards ./dashboards
+RUN npm ci --prefix dashboards
+
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY coldchain ./coldchain
 COPY sensors ./sensors
 COPY routing ./routing
-COPY dashboards ./dashboards
 RUN pip install --no-cache-dir . && useradd --system --no-create-home coldchain
+# A non-editable install cannot find dashboards/ beside its source: name it.
+COPY --from=dashboard /build/dashboards/web /app/dashboards/web
+ENV COLDCHAIN_DASHBOARD_DIR=/app/dashboards/web
+# The PDF reports set their text in DejaVu Sans (any Latin, Greek or Cyrillic a person types).
+RUN apt-get update && apt-get install -y --no-install-recommends fonts-dejavu-core \
+    && rm -rf /var/lib/apt/lists/*
 USER coldchain
 ENV COLDCHAIN_HTTP_HOST=0.0.0.0
 EXPOSE 8080

@@ -212,3 +212,18 @@ def test_grafana_is_provisioned_from_the_repository_against_the_compose_database
         env["POSTGRES_PASSWORD"],
     )
     assert grafana["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_the_image_serves_the_dashboard_with_its_npm_libraries() -> None:
+    # A non-editable install finds no dashboards/ beside its source: the image must name it,
+    # and fill it with what `npm ci` vendors, as the set-up commands do on a machine.
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    env = re.search(r"^ENV COLDCHAIN_DASHBOARD_DIR=(\S+)$", dockerfile, re.MULTILINE)
+    assert env is not None
+    target = env.group(1)
+    copy = re.search(r"^COPY --from=(\w+) (\S+) (\S+)$", dockerfile, re.MULTILINE)
+    assert copy is not None and copy.group(3) == target
+    stage = re.search(rf"^FROM \S+ AS {copy.group(1)}$(.*?)^FROM ", dockerfile, re.M | re.S)
+    assert stage is not None and "npm ci --prefix dashboards" in stage.group(1)
+    assert copy.group(2).endswith("/dashboards/web")
+    assert (ROOT / "dashboards" / "web" / "index.html").is_file()
