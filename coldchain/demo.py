@@ -73,7 +73,14 @@ async def seed(store: Store, *, dewars: int, fleet_start: datetime) -> dict[str,
             _DEMO_ACTOR.name,
         )
         tokens[str(role)] = token
-    active = {s.dewar_id: s for s in await store.shipments(limit=500) if s.status.active}
+    earlier = await store.shipments(limit=500)
+    active = {s.dewar_id: s for s in earlier if s.status.active}
+    # A dewar's readings belong to one shipment at a time: a new one packs out no earlier than
+    # the dewar's last shipment ended (one cancelled in the UI since, say).
+    ended: dict[str, datetime] = {}
+    for s in earlier:
+        if s.ends_at is not None:
+            ended[s.dewar_id] = max(s.ends_at, ended.get(s.dewar_id, s.ends_at))
     for index in range(dewars):
         dewar = dewar_id(index + 1)
         lane = LANES[index % len(LANES)]
@@ -82,7 +89,7 @@ async def seed(store: Store, *, dewars: int, fleet_start: datetime) -> dict[str,
         if current is not None and current.starts_at <= fleet_start:
             continue  # still travelling from an earlier run of the demo
         if current is not None:
-            await store.record_event(
+            cancelled, _ = await store.record_event(
                 current.id,
                 EventType.CANCELLED,
                 datetime.now(UTC),
@@ -90,6 +97,8 @@ async def seed(store: Store, *, dewars: int, fleet_start: datetime) -> dict[str,
                 "demo restarted",
                 _DEMO_ACTOR,
             )
+            if cancelled.ends_at is not None:
+                ended[dewar] = cancelled.ends_at
         now = datetime.now(UTC)
         shipment = Shipment(
             id=f"DEMO-{dewar}-{fleet_start:%m%d%H%M}",
@@ -107,10 +116,11 @@ async def seed(store: Store, *, dewars: int, fleet_start: datetime) -> dict[str,
             ends_at=None,
         )
         created = await store.create_shipment(shipment, _DEMO_ACTOR)
+        packed_at = max(fleet_start, ended.get(dewar, fleet_start))
         await store.record_event(
             created.id,
             EventType.PACKED,
-            fleet_start,
+            packed_at,
             origin,
             "charged dry shipper, payload loaded",
             _DEMO_ACTOR,
@@ -118,7 +128,7 @@ async def seed(store: Store, *, dewars: int, fleet_start: datetime) -> dict[str,
         await store.record_event(
             created.id,
             EventType.PICKED_UP,
-            fleet_start + timedelta(minutes=30),
+            min(packed_at + timedelta(minutes=30), datetime.now(UTC)),
             origin,
             None,
             _DEMO_ACTOR,

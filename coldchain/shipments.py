@@ -9,7 +9,9 @@ A shipment moves through its statuses only by custody events, in time order:
     any status but delivered/cancelled --cancelled--> cancelled
 
 The shipment owns its dewar's readings (by device time) from pack-out, or from creation until
-the dewar is packed, until delivery or cancellation.
+the dewar is packed, until delivery or cancellation. No two shipments of a dewar own the same
+time: a shipment that would start (at creation or pack-out) before the dewar's previous one
+ended is refused.
 """
 
 from __future__ import annotations

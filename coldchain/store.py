@@ -620,6 +620,26 @@ async def _audit(
     )
 
 
+async def _refuse_overlap(
+    conn: Connection, dewar_id: str, shipment_id: str, start: datetime, what: str
+) -> None:
+    """Conflict if a shipment owning the dewar's readings from `start` on would take some that
+    another of its shipments owns: a reading belongs to the one shipment active at its time."""
+    row = await conn.fetchrow(
+        "SELECT id, ends_at FROM shipments WHERE dewar_id = $1 AND id <> $2"
+        " AND ends_at > $3 AND ends_at > starts_at ORDER BY ends_at DESC LIMIT 1",
+        dewar_id,
+        shipment_id,
+        start,
+    )
+    if row is not None:
+        raise Conflict(
+            f"{what} at {start.isoformat()} is before dewar {dewar_id}'s previous shipment "
+            f"{row['id']} ended at {row['ends_at'].isoformat()}: the dewar's readings of that "
+            "time belong to that shipment"
+        )
+
+
 class ShipmentStore(TelemetryStore):
     """The ingest's queries and those about shipments, custody, sites, profiles, tokens and
     the audit log."""
@@ -866,6 +886,9 @@ class ShipmentStore(TelemetryStore):
                     f"dewar {shipment.dewar_id} is already in active shipment "
                     f"{active}; deliver or cancel that one first"
                 )
+            await _refuse_overlap(
+                conn, shipment.dewar_id, shipment.id, shipment.starts_at, "the shipment's start"
+            )
             try:
                 row = await conn.fetchrow(
                     "INSERT INTO shipments (id, dewar_id, profile, origin, destination,"
@@ -983,6 +1006,8 @@ class ShipmentStore(TelemetryStore):
             if at < shipment.created_at - timedelta(days=1):
                 raise Conflict("an event cannot be more than a day before the shipment was created")
             status = next_status(shipment.status, kind)
+            if kind is EventType.PACKED:
+                await _refuse_overlap(conn, shipment.dewar_id, shipment_id, at, "pack-out")
             starts_at = at if kind is EventType.PACKED else shipment.starts_at
             ends_at = at if not status.active else None
             updated = await conn.fetchrow(

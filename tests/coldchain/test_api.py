@@ -712,3 +712,56 @@ async def test_a_route_that_cannot_be_planned_is_refused_with_the_reason_and_not
     status, reply = await api.call("POST", path, as_="planner", body={"hold_hours": 96})
     assert status == 409 and reply["error"]["code"] == "conflict"
     assert "cancelled" in reply["error"]["message"]
+
+
+async def test_two_shipments_of_a_dewar_never_claim_the_same_readings(api: Api) -> None:
+    """Readings belong to the shipment active at their device time; a pack-out dated before the
+    dewar's previous shipment ended used to give that time's readings to both."""
+    dewar = "DW-TWICE"
+    now = datetime.now(UTC).replace(microsecond=0)
+    _, first = await api.call("POST", "/api/v1/shipments", body=new_shipment(dewar))
+    path = f"/api/v1/shipments/{first['id']}/events"
+    for kind, hours_ago in (("packed", 6), ("picked_up", 5), ("delivered", 2)):
+        at = (now - timedelta(hours=hours_ago)).isoformat()
+        assert (await api.call("POST", path, body={"type": kind, "at": at}))[0] == 201
+    _, second = await api.call("POST", "/api/v1/shipments", body=new_shipment(dewar))
+    path = f"/api/v1/shipments/{second['id']}/events"
+    early = (now - timedelta(hours=3)).isoformat()
+    status, reply = await api.call("POST", path, body={"type": "packed", "at": early})
+    assert status == 409, reply
+    message = reply["error"]["message"]
+    assert first["id"] in message and "ended at" in message and "pack-out" in message
+    _, detail = await api.call("GET", f"/api/v1/shipments/{second['id']}")
+    assert detail["shipment"]["status"] == "created" and detail["events"] == []
+    # From the moment the first ended, the dewar is the second's.
+    ended = (now - timedelta(hours=2)).isoformat()
+    status, reply = await api.call("POST", path, body={"type": "packed", "at": ended})
+    assert status == 201, reply
+    readings = [
+        IncomingReading(
+            dewar,
+            Reading(seq=i, ts=now - timedelta(hours=4) + timedelta(minutes=30 * i), temp_c=-190),
+            datetime.now(UTC),
+        )
+        for i in range(8)  # every 30 min from 4 h ago
+    ]
+    await api.store.write_batch(readings, [])
+    _, old = await api.call("GET", f"/api/v1/shipments/{first['id']}/telemetry")
+    _, new = await api.call("GET", f"/api/v1/shipments/{second['id']}/telemetry")
+    assert [r["seq"] for r in old["readings"]] == [0, 1, 2, 3]
+    assert [r["seq"] for r in new["readings"]] == [4, 5, 6, 7]
+
+
+async def test_a_shipment_cannot_start_before_the_dewar_s_previous_one_ended(api: Api) -> None:
+    """A delivery may be recorded up to 5 minutes ahead; a new shipment created meanwhile would
+    start (own readings from creation) inside the previous one."""
+    _, first = await api.call("POST", "/api/v1/shipments", body=new_shipment("DW-SOON"))
+    path = f"/api/v1/shipments/{first['id']}/events"
+    soon = (datetime.now(UTC) + timedelta(minutes=3)).isoformat()
+    for kind in ("packed", "picked_up"):
+        assert (await api.call("POST", path, body={"type": kind}))[0] == 201
+    assert (await api.call("POST", path, body={"type": "delivered", "at": soon}))[0] == 201
+    status, reply = await api.call("POST", "/api/v1/shipments", body=new_shipment("DW-SOON"))
+    assert status == 409, reply
+    assert first["id"] in reply["error"]["message"]
+    assert "the shipment's start" in reply["error"]["message"]
