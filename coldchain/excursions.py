@@ -8,16 +8,18 @@ The model (DOMAIN.md, "What counts as an excursion"):
   `f"{rule}@{started_at UTC ISO}"`, where `started_at` is the device time the breach began (not
   when a delay elapsed). Re-deriving the same history (after a restart, a redelivery or a replay)
   gives the same keys, so alarms can be upserted by key.
-- **Limits** (`profiles.Limit`): with `delay_s`, a breach must hold on every reading from the first
-  breached one until `delay_s` has passed (a reading back inside the threshold resets it); an open
-  episode clears only on a reading back inside by the `hysteresis` deadband, so a value hovering at
-  the limit gives one episode. A metric missing from a reading gives that limit no data: nothing
-  changes for it. With `budget_s`, the limit counts time out of range over the whole shipment:
-  each breached reading counts the time until the next reading of that metric (at most the
-  signal-lost gap), as a logger counting out-of-range samples does. It raises once, when the total
-  passes the budget, with `started_at` the first breach of the shipment, and never clears: the
-  spent budget is a fact about the product that a person must disposition (acknowledge, close).
-  The deadband does not apply to budgets.
+- **Limits** (`profiles.Limit`): above a threshold, below it, or outside a range (below `low` or
+  above `threshold`: one condition, whichever side). With `delay_s`, a breach must hold on every
+  reading from the first breached one until `delay_s` has passed (a reading back inside the
+  threshold resets it); an open episode clears only on a reading back inside by the `hysteresis`
+  deadband (on both sides of a range), so a value hovering at the limit gives one episode. A
+  metric missing from a reading gives that limit no data: nothing changes for it. With `budget_s`,
+  the limit counts time out of range over the whole shipment: each breached reading counts the
+  time until the next reading of that metric (at most the signal-lost gap), as a logger counting
+  out-of-range samples does (for a range, time too warm and time too cold count together). It
+  raises once, when the total passes the budget, with `started_at` the first breach of the
+  shipment, and never clears: the spent budget is a fact about the product that a person must
+  disposition (acknowledge, close). The deadband does not apply to budgets.
 - **sensor_jump**: temperature changed by more than `profile.max_jump_c` between consecutive
   readings at most three expected intervals apart; clears on the next reading that does not jump.
 - **sensor_stuck**: `profile.stuck_readings` consecutive identical `temp_c` values (exactly);
@@ -357,8 +359,9 @@ class _Plan:
             (
                 limit.rule,
                 str(limit.metric),
-                limit.threshold,
+                *limit.bounds,
                 limit.direction is Direction.ABOVE,
+                limit.direction is Direction.BELOW,
                 limit.budget_s is not None,
                 limit,
             )
@@ -408,17 +411,17 @@ class _Run:
         cur.wm_ts = t
         cur.wm_seq = r.seq
         tracks = cur.tracks
-        for rule, metric, threshold, above, budget, limit in self.plan.limits:
+        for rule, metric, low, high, above, below, budget, limit in self.plan.limits:
             raw = getattr(r, metric)
             if raw is None:
                 continue
             track = tracks.get(rule)
             if track is None:
                 track = tracks[rule] = Track()
-            # The quiet case, exactly as the full rule would leave it: inside the threshold and
-            # nothing open (a delayed limit forgets a breach in progress; a budget that was
-            # not counting stays as it is).
-            inside = raw <= threshold if above else raw >= threshold
+            # The quiet case, exactly as the full rule would leave it: inside the threshold (or
+            # the range) and nothing open (a delayed limit forgets a breach in progress; a budget
+            # that was not counting stays as it is). One comparison for a one-sided limit.
+            inside = raw <= high if above else raw >= low if below else low <= raw <= high
             if budget:
                 if inside and track.last is None:
                     continue
@@ -437,9 +440,8 @@ class _Run:
     # Limits -------------------------------------------------------------------------------
 
     def _delayed(self, limit: Limit, track: Track, t: int, v: float) -> None:
-        above = limit.direction is Direction.ABOVE
         if track.open:
-            if v > track.peak if above else v < track.peak:
+            if limit.worse(v, track.peak):
                 track.peak = v
             if limit.recovered(v):
                 since = track.since or t
@@ -450,20 +452,20 @@ class _Run:
                     since,
                     t,
                     track.peak,
-                    limit.threshold,
+                    limit.bound(track.peak),
                     f"{limit.message or limit.rule}: back in range after "
                     f"{_duration((t - since) / _US)} ({_worst(limit, track.peak)})",
                 )
                 track.open = False
                 track.since = None
             return
-        if not (v > limit.threshold if above else v < limit.threshold):
+        if not limit.breached(v):
             track.since = None
             return
         if track.since is None:
             track.since = t
             track.peak = v
-        elif v > track.peak if above else v < track.peak:
+        elif limit.worse(v, track.peak):
             track.peak = v
         if t - track.since >= limit.delay_s * _US:
             track.open = True
@@ -475,7 +477,7 @@ class _Run:
                 track.since,
                 t,
                 track.peak,
-                limit.threshold,
+                limit.bound(track.peak),
                 f"{limit.message or limit.rule}{lasted} ({_worst(limit, track.peak)})",
             )
 
@@ -487,7 +489,7 @@ class _Run:
             if track.since is None:
                 track.since = t
                 track.peak = v
-            elif v > track.peak if limit.direction is Direction.ABOVE else v < track.peak:
+            elif limit.worse(v, track.peak):
                 track.peak = v
         else:
             track.last = None
@@ -501,7 +503,7 @@ class _Run:
                 track.since,
                 t,
                 track.peak,
-                limit.threshold,
+                limit.bound(track.peak),
                 f"{limit.message or limit.rule}: {_duration(track.spent / _US)} out of range "
                 f"since {_clock(_at(track.since))}, budget {_duration(budget)} "
                 f"({_worst(limit, track.peak)})",
@@ -841,5 +843,9 @@ def _duration(seconds: float) -> str:
 def _worst(limit: Limit, peak: float) -> str:
     if limit.metric is Metric.LID_OPEN:
         return "lid open"
-    word = "max" if limit.direction is Direction.ABOVE else "min"
+    if limit.direction is Direction.OUTSIDE:
+        # The value furthest out of the range, on whichever side: the episode's max or its min.
+        word = "max" if peak > limit.threshold else "min"
+    else:
+        word = "max" if limit.direction is Direction.ABOVE else "min"
     return f"{word} {peak:.1f}{_UNITS[limit.metric]}"

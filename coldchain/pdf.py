@@ -333,13 +333,17 @@ def _chart(
 
 
 def _thresholds(limits: Sequence[LimitSummary], metric: str) -> list[tuple[float, Severity]]:
-    """The distinct thresholds of one quantity's limits, each at its highest severity."""
+    """The distinct thresholds of one quantity's limits (both bounds of a range), each at its
+    highest severity."""
     found: dict[float, Severity] = {}
     for lim in limits:
         if lim.metric == metric:
-            known = found.get(lim.threshold)
-            if known is None or lim.severity.rank > known.rank:
-                found[lim.threshold] = lim.severity
+            for value in (lim.threshold, lim.low):
+                if value is None:
+                    continue
+                known = found.get(value)
+                if known is None or lim.severity.rank > known.rank:
+                    found[value] = lim.severity
     return sorted(found.items())
 
 

@@ -2,16 +2,19 @@
 as an excursion"). Limits differ per product label, so profiles are data: the built-in ones below
 are created by the migrations and admins edit or add others through the API.
 
-A limit watches one measured quantity against a threshold. It alarms when the breach has lasted
-`delay_s` continuously (or, with `budget_s`, when the time out of range summed over the whole
-shipment passes the budget), and clears only once the value is back inside the threshold by the
-`hysteresis` deadband, so a value hovering at the limit does not flap. Rules that are not a
-threshold (signal lost, sensor fault, rate of change, hold time at risk) carry their own settings
-in `Profile`.
+A limit watches one measured quantity against a threshold: `above` it, `below` it, or `outside`
+the range from `low` to `threshold` (below `low` or above `threshold`: one condition, so a budget
+counts time too warm and too cold together). It alarms when the breach has lasted `delay_s`
+continuously (or, with `budget_s`, when the time out of range summed over the whole shipment
+passes the budget), and clears only once the value is back inside the threshold by the
+`hysteresis` deadband (on both sides of a range), so a value hovering at the limit does not flap.
+Rules that are not a threshold (signal lost, sensor fault, rate of change, hold time at risk)
+carry their own settings in `Profile`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from enum import StrEnum
 from typing import Annotated, Final
@@ -60,36 +63,71 @@ class Metric(StrEnum):
 class Direction(StrEnum):
     ABOVE = "above"
     BELOW = "below"
+    OUTSIDE = "outside"  # below `Limit.low` or above `Limit.threshold`
 
 
 RuleName = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+Threshold = Annotated[float, Meta(ge=-1e6, le=1e6)]
 ProfileName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
 Seconds = Annotated[float, Meta(ge=0, le=366 * 86400)]
 
 
 class Limit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One threshold rule. `rule` names it in alarms (for example `temp_high_critical`)."""
+    """One threshold rule. `rule` names it in alarms (for example `temp_high_critical`).
+    `threshold` is the upper bound of an `outside` limit, `low` its lower bound (only there)."""
 
     rule: RuleName
     metric: Metric
     direction: Direction
-    threshold: Annotated[float, Meta(ge=-1e6, le=1e6)]
+    threshold: Threshold
     severity: Severity
     delay_s: Seconds = 0.0
     budget_s: Annotated[float, Meta(gt=0, le=366 * 86400)] | None = None
     hysteresis: Annotated[float, Meta(ge=0, le=1e6)] = 0.0
     message: Annotated[str, Meta(max_length=500)] = ""
+    low: Threshold | None = None
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """`(low, high)`: the value is inside while `low <= value <= high` (an open side is
+        infinite)."""
+        if self.direction is Direction.ABOVE:
+            return -math.inf, self.threshold
+        if self.direction is Direction.BELOW:
+            return self.threshold, math.inf
+        return -math.inf if self.low is None else self.low, self.threshold
 
     def breached(self, value: float) -> bool:
         if self.direction is Direction.ABOVE:
             return value > self.threshold
-        return value < self.threshold
+        if self.direction is Direction.BELOW:
+            return value < self.threshold
+        low, high = self.bounds
+        return value > high or value < low
 
     def recovered(self, value: float) -> bool:
         """Back inside by the deadband: only then does an open episode clear."""
         if self.direction is Direction.ABOVE:
             return value <= self.threshold - self.hysteresis
-        return value >= self.threshold + self.hysteresis
+        if self.direction is Direction.BELOW:
+            return value >= self.threshold + self.hysteresis
+        low, high = self.bounds
+        return low + self.hysteresis <= value <= high - self.hysteresis
+
+    def worse(self, value: float, than: float) -> bool:
+        """Whether `value` is further past the limit than `than` (the episode's worst so far)."""
+        if self.direction is Direction.ABOVE:
+            return value > than
+        if self.direction is Direction.BELOW:
+            return value < than
+        low, high = self.bounds
+        return max(value - high, low - value) > max(than - high, low - than)
+
+    def bound(self, value: float) -> float:
+        """The threshold `value` is judged against: for a range, the side it is on."""
+        if self.direction is Direction.OUTSIDE and self.low is not None:
+            return self.low if value < (self.low + self.threshold) / 2 else self.threshold
+        return self.threshold
 
 
 class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -228,22 +266,13 @@ def _band(name: str, low: float, high: float, description: str, *, freezing: boo
         Limit(
             "temp_out_of_range_budget",
             Metric.TEMP_C,
-            Direction.ABOVE,
+            Direction.OUTSIDE,
             high,
             Severity.CRITICAL,
             budget_s=3600,
             hysteresis=0.5,
-            message=f"over an hour above {high:g} °C in this shipment",
-        ),
-        Limit(
-            "temp_below_range_budget",
-            Metric.TEMP_C,
-            Direction.BELOW,
-            low,
-            Severity.CRITICAL,
-            budget_s=3600,
-            hysteresis=0.5,
-            message=f"over an hour below {low:g} °C in this shipment",
+            message=f"over an hour outside {low:g}-{high:g} °C in this shipment",
+            low=low,
         ),
         Limit(
             "shock",
@@ -321,6 +350,7 @@ def check(profile: Profile) -> None:
             raise ValueError(f"rule {limit.rule}: delay_s and hysteresis cannot be negative")
         if limit.budget_s is not None and limit.budget_s <= 0:
             raise ValueError(f"rule {limit.rule}: budget_s must be positive")
+        _check_range(limit)
     if profile.expected_interval_s <= 0 or profile.signal_lost_factor < 1:
         raise ValueError("expected_interval_s must be positive and signal_lost_factor at least 1")
     if profile.stuck_readings < 2:
@@ -331,3 +361,28 @@ def check(profile: Profile) -> None:
         raise ValueError("rate_limit_c_per_min must be positive (or null to turn the rule off)")
     if profile.max_jump_c <= 0:
         raise ValueError("max_jump_c must be positive")
+
+
+def _check_range(limit: Limit) -> None:
+    if limit.direction is not Direction.OUTSIDE:
+        if limit.low is not None:
+            raise ValueError(
+                f"rule {limit.rule}: low is the lower bound of an 'outside' limit; "
+                f"a limit {limit.direction} a threshold has none"
+            )
+        return
+    if limit.low is None:
+        raise ValueError(
+            f"rule {limit.rule}: an 'outside' limit needs low (the lower bound) as well as "
+            "threshold (the upper bound)"
+        )
+    if not limit.low < limit.threshold:
+        raise ValueError(
+            f"rule {limit.rule}: low ({limit.low:g}) must be below threshold "
+            f"({limit.threshold:g}), the upper bound of the range"
+        )
+    if limit.threshold - limit.low <= 2 * limit.hysteresis:
+        raise ValueError(
+            f"rule {limit.rule}: the range {limit.low:g} to {limit.threshold:g} is too narrow "
+            f"for a deadband of {limit.hysteresis:g} on each side: an alarm could never clear"
+        )

@@ -153,15 +153,19 @@ def mkt_applies(profile: Profile) -> bool:
     uppers = [
         lim.threshold
         for lim in profile.limits
-        if lim.metric is Metric.TEMP_C and lim.direction is Direction.ABOVE
+        if lim.metric is Metric.TEMP_C and lim.direction in (Direction.ABOVE, Direction.OUTSIDE)
     ]
     return bool(uppers) and max(uppers) > 0.0
 
 
 def condition(limit: Limit) -> str:
-    """A limit in words: `> -150 °C for 5 min`, `< 20 %`, `lid open for 2 min`."""
+    """A limit in words: `> -150 °C for 5 min`, `< 20 %`, `lid open for 2 min`,
+    `outside 2-8 °C, 1 h 00 min in all`."""
     if limit.metric is Metric.LID_OPEN:
         text = "lid open"
+    elif limit.direction is Direction.OUTSIDE:
+        low, high = limit.bounds
+        text = f"outside {range_text(low, high)}{_UNITS[limit.metric]}"
     else:
         sign = ">" if limit.direction is Direction.ABOVE else "<"
         text = f"{sign} {limit.threshold:g}{_UNITS[limit.metric]}"
@@ -170,6 +174,11 @@ def condition(limit: Limit) -> str:
     if limit.delay_s > 0:
         return f"{text} for {duration_text(limit.delay_s)}"
     return text
+
+
+def range_text(low: float, high: float) -> str:
+    """`2-8`, `-190 to -150`: a range a person reads at a glance."""
+    return f"{low:g}-{high:g}" if low >= 0 else f"{low:g} to {high:g}"
 
 
 def duration_text(seconds: float) -> str:
@@ -191,7 +200,20 @@ def _breached(limit: Limit, values: FloatArray) -> npt.NDArray[np.bool_]:
     with np.errstate(invalid="ignore"):
         if limit.direction is Direction.ABOVE:
             return values > limit.threshold
-        return values < limit.threshold
+        if limit.direction is Direction.BELOW:
+            return values < limit.threshold
+        low, high = limit.bounds
+        return (values > high) | (values < low)
+
+
+def _worst(limit: Limit, breached: FloatArray) -> float:
+    """The breached value furthest past the limit (for a range: out of it, either side)."""
+    if limit.direction is Direction.ABOVE:
+        return float(breached.max())
+    if limit.direction is Direction.BELOW:
+        return float(breached.min())
+    low, high = limit.bounds
+    return float(breached[np.argmax(np.maximum(breached - high, low - breached))])
 
 
 def _stretches(mask: npt.NDArray[np.bool_], held: FloatArray) -> FloatArray:
@@ -256,14 +278,14 @@ def build(inputs: ReportInputs) -> Report:
         runs = _stretches(mask, held)
         worst = None
         if mask.any():
-            picked = values[mask]
-            worst = float(picked.max() if limit.direction is Direction.ABOVE else picked.min())
+            worst = _worst(limit, values[mask])
         limits.append(
             LimitSummary(
                 rule=limit.rule,
                 metric=str(limit.metric),
                 direction=str(limit.direction),
                 threshold=limit.threshold,
+                low=limit.low,
                 condition=condition(limit),
                 severity=limit.severity,
                 beyond_s=float(held[mask].sum()),
@@ -369,11 +391,14 @@ def verdict(
         (lim for lim in temperature_limits if lim.beyond_s > 0),
         key=lambda lim: (lim.severity.rank, lim.beyond_s),
     )
-    sign = ">" if worst.direction == Direction.ABOVE else "<"
+    if worst.direction == Direction.OUTSIDE and worst.low is not None:
+        what = f"outside {range_text(worst.low, worst.threshold)} °C"
+    else:
+        what = f"{'>' if worst.direction == Direction.ABOVE else '<'} {worst.threshold:g} °C"
     pct = temperature.in_range_pct
     share = f", {100 - pct:.1f} % of monitored time" if pct is not None else ""
     return (
-        f"TEMPERATURE EXCURSION: {sign} {worst.threshold:g} °C for "
+        f"TEMPERATURE EXCURSION: {what} for "
         f"{duration_text(worst.beyond_s)} in all{share}; highest severity {worst.severity}." + tail
     )
 

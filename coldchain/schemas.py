@@ -523,6 +523,7 @@ class LimitSummary(msgspec.Struct, frozen=True):
     alarms: int
     budget_s: float | None = None
     worst: float | None = None
+    low: float | None = None  # the lower bound of an `outside` limit (`threshold` the upper)
 
 
 class TemperatureSummary(msgspec.Struct, frozen=True):

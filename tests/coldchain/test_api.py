@@ -450,6 +450,41 @@ async def test_a_profile_with_nul_in_its_text_is_refused_with_a_400(api: Api) ->
     assert "with-nul" not in {p["profile"]["name"] for p in listed["items"]}
 
 
+async def test_a_limit_outside_a_range_is_accepted_and_one_without_a_range_refused(
+    api: Api,
+) -> None:
+    _, listed = await api.call("GET", "/api/v1/profiles", as_="viewer")
+    fridge = next(p["profile"] for p in listed["items"] if p["profile"]["name"] == "refrigerated")
+    budget = next(lim for lim in fridge["limits"] if lim["rule"] == "temp_out_of_range_budget")
+    assert (budget["direction"], budget["low"], budget["threshold"]) == ("outside", 2.0, 8.0)
+    outside = {
+        "rule": "temp_out_of_label",
+        "metric": "temp_c",
+        "direction": "outside",
+        "low": 3.0,
+        "threshold": 7.0,
+        "severity": "major",
+        "delay_s": 300,
+        "hysteresis": 0.5,
+    }
+    custom = dict(fridge, name="fridge-3-7", limits=[*fridge["limits"], outside])
+    status, stored = await api.call("PUT", "/api/v1/profiles/fridge-3-7", body=custom)
+    assert status == 201, stored
+    assert stored["profile"]["limits"][-1] == dict(outside, budget_s=None, message="")
+    for low, reason in ((7.0, "low (7) must be below threshold (7)"), (None, "needs low")):
+        bad = dict(custom, limits=[*fridge["limits"], dict(outside, low=low)])
+        status, reply = await api.call("PUT", "/api/v1/profiles/fridge-3-7", body=bad)
+        assert status == 400, reply
+        assert reply["error"]["code"] == "bad_request"
+        assert "rule temp_out_of_label" in reply["error"]["message"]
+        assert reason in reply["error"]["message"]
+    _, kept = await api.call("GET", "/api/v1/profiles", as_="viewer")
+    assert (
+        next(p["profile"] for p in kept["items"] if p["profile"]["name"] == "fridge-3-7")
+        == stored["profile"]
+    )
+
+
 async def test_sites_are_listed_and_filtered(api: Api) -> None:
     _, all_sites = await api.call("GET", "/api/v1/sites", as_="viewer")
     _, centres = await api.call("GET", "/api/v1/sites?kind=treatment_center", as_="viewer")

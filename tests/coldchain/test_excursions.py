@@ -3,6 +3,7 @@ the promises about late readings, restarts and redelivery, checked as properties
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from coldchain import excursions
 from coldchain.excursions import (
     AlarmTransition,
     Kind,
@@ -23,7 +25,7 @@ from coldchain.excursions import (
     replay,
     silence,
 )
-from coldchain.profiles import BUILT_IN, Profile, Severity
+from coldchain.profiles import BUILT_IN, Direction, Limit, Metric, Profile, Severity
 from sensors.schema import Reading
 
 T0 = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
@@ -360,7 +362,32 @@ ROWS = [
         "fridge-budget-below-range",
         FRIDGE,
         trace(steady(5, 2) + (steady(1, 3) + steady(5, 2)) * 5, every=FIVE_MIN, base=BAND_BASE),
-        [("temp_below_range_budget", C, 10, None)],
+        [("temp_out_of_range_budget", C, 10, None)],
+    ),
+    Row(
+        # 45 min too warm, then 45 min too cold: 90 min out of range in all, one budget.
+        "fridge-budget-spent-warm-and-cold-together",
+        FRIDGE,
+        trace(
+            steady(5, 2) + steady(9, 9) + steady(5, 3) + steady(1, 9) + steady(5, 3),
+            every=FIVE_MIN,
+            base=BAND_BASE,
+        ),
+        [
+            ("temp_high", M, 10, 55),
+            ("temp_low", M, 70, 115),
+            ("temp_out_of_range_budget", C, 10, None),
+        ],
+    ),
+    Row(
+        "fridge-budget-warm-and-cold-within-the-hour",
+        FRIDGE,
+        trace(
+            steady(5, 2) + steady(9, 6) + steady(5, 3) + steady(1, 6) + steady(5, 3),
+            every=FIVE_MIN,
+            base=BAND_BASE,
+        ),
+        [("temp_high", M, 10, 40), ("temp_low", M, 55, 85)],
     ),
     Row(
         "fridge-rate-of-change",
@@ -415,7 +442,17 @@ ROWS = [
         "ambient-budget-below-range",
         AMBIENT,
         trace(steady(20, 2) + (steady(14, 3) + steady(20, 2)) * 5, every=FIVE_MIN, base=BAND_BASE),
-        [("temp_below_range_budget", C, 10, None)],
+        [("temp_out_of_range_budget", C, 10, None)],
+    ),
+    Row(
+        "ambient-budget-spent-warm-and-cold-together",
+        AMBIENT,
+        trace(
+            steady(20, 2) + (steady(26, 2) + steady(20, 2) + steady(14, 2) + steady(20, 2)) * 4,
+            every=FIVE_MIN,
+            base=BAND_BASE,
+        ),
+        [("temp_out_of_range_budget", C, 10, None)],
     ),
     Row(
         "ambient-shock-and-battery",
@@ -578,6 +615,126 @@ def test_hold_alarm_says_when_ln2_runs_out() -> None:
     assert 5 < hold.value < hold.limit  # hours of LN2 left, hours needed
     level_at_raise = next(r.ln2_level_pct for r in row.readings if r.ts == hold.at)
     assert level_at_raise is not None and level_at_raise > 50  # long before "LN2 low"
+
+
+def test_warm_then_cold_spends_one_budget_raised_once_with_its_true_start() -> None:
+    # 45 min above 8 °C from 08:10, back in range, then 45 min below 2 °C from 09:10: neither
+    # side alone passes the hour, together they do, at 09:30 (the 5-minute reading after the
+    # 60th out-of-range minute).
+    readings = trace(
+        steady(5, 2) + steady(9, 9) + steady(5, 3) + steady(1, 9) + steady(5, 3),
+        every=FIVE_MIN,
+        base=BAND_BASE,
+    )
+    _, _, emitted = in_order(FRIDGE, readings)
+    budget = [t for t in emitted if t.rule == "temp_out_of_range_budget"]
+    assert [(t.kind, t.started_at, t.at) for t in budget] == [
+        (Kind.RAISED, minutes(10), minutes(90))
+    ]
+    raised = budget[0]
+    assert raised.episode_key == "temp_out_of_range_budget@2026-11-25T08:10:00+00:00"
+    assert (raised.value, raised.limit) == (9.2, 8.0)  # the furthest out, and its bound
+    assert raised.message == (
+        "over an hour outside 2-8 °C in this shipment: 65 min out of range since "
+        "2026-11-25 08:10 UTC, budget 60 min (max 9.2 °C)"
+    )
+    # Two budgets, one a side (the built-ins before the combined one), never raise on it.
+    separate = msgspec.structs.replace(
+        FRIDGE,
+        limits=tuple(lim for lim in FRIDGE.limits if lim.rule != "temp_out_of_range_budget")
+        + (
+            Limit(
+                "warm_budget", Metric.TEMP_C, Direction.ABOVE, 8, Severity.CRITICAL, budget_s=3600
+            ),
+            Limit(
+                "cold_budget", Metric.TEMP_C, Direction.BELOW, 2, Severity.CRITICAL, budget_s=3600
+            ),
+        ),
+    )
+    _, _, apart = in_order(separate, readings)
+    assert not [t for t in apart if t.rule.endswith("_budget")]
+
+
+OUTSIDE_2_8 = Limit(
+    "temp_out",
+    Metric.TEMP_C,
+    Direction.OUTSIDE,
+    8.0,
+    Severity.MAJOR,
+    delay_s=600,
+    hysteresis=0.5,
+    message="outside 2-8 °C",
+    low=2.0,
+)
+OUTSIDE_PROFILE = msgspec.structs.replace(
+    FRIDGE,
+    name="fridge-outside",
+    limits=(
+        OUTSIDE_2_8,
+        Limit(
+            "temp_out_budget",
+            Metric.TEMP_C,
+            Direction.OUTSIDE,
+            8.0,
+            Severity.CRITICAL,
+            budget_s=1800,
+            hysteresis=0.5,
+            low=2.0,
+        ),
+    ),
+    rate_limit_c_per_min=None,
+)
+
+
+def test_an_outside_limit_is_one_episode_across_both_sides_with_a_deadband_on_each() -> None:
+    # Warm, then straight to cold without coming back in by the deadband: one episode, whose
+    # delay counts from the first warm reading; inside 7.5 does not end it, 2.5 does.
+    temps = [5.0, 9.0, 9.5, 0.3, 1.5, 7.7, 2.3, 2.5, 5.0]
+    _, _, emitted = in_order(OUTSIDE_PROFILE, trace(temps, every=FIVE_MIN, base=BAND_BASE))
+    out = [(t.kind, t.started_at, t.at, t.value, t.limit) for t in emitted if t.rule == "temp_out"]
+    assert out == [
+        (Kind.RAISED, minutes(5), minutes(15), 0.3, 2.0),  # 1.7 below is worse than 1.5 above
+        (Kind.CLEARED, minutes(5), minutes(35), 0.3, 2.0),
+    ]
+    raised = next(t for t in emitted if t.rule == "temp_out")
+    assert raised.message == "outside 2-8 °C for 10 min (min 0.3 °C)"
+    # Back in by the deadband but out again at once: the delay starts over.
+    temps = [5.0, 9.0, 7.4, 1.0, 5.0]
+    _, _, emitted = in_order(OUTSIDE_PROFILE, trace(temps, every=FIVE_MIN, base=BAND_BASE))
+    assert [t for t in emitted if t.rule == "temp_out"] == []
+
+
+def _full_rule_plan(profile: Profile) -> excursions._Plan:
+    """A plan whose every limit takes the full rule: no value is ever "inside" infinite
+    bounds the wrong way round, so the quiet fast path never runs."""
+    plan = excursions._Plan(profile)
+    plan.limits = tuple(
+        (rule, metric, math.inf, -math.inf, False, False, budget, limit)
+        for rule, metric, _, _, _, _, budget, limit in plan.limits
+    )
+    return plan
+
+
+_EDGES = st.sampled_from([5.0, 5.1, 8.0, 8.2, 7.5, 7.6, 9.0, 2.0, 1.9, 2.5, 2.4, 0.0, -1.0, 30.0])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.one_of(_EDGES, st.floats(-5, 15, allow_nan=False)), min_size=1, max_size=60),
+    st.lists(st.sampled_from([0.5, 12.0, None]), min_size=60, max_size=60),
+    st.sampled_from([60, 300, 1200]),
+    st.sampled_from([FRIDGE, AMBIENT, OUTSIDE_PROFILE, CRYO]),
+)
+def test_the_quiet_fast_path_is_exactly_the_full_rule(
+    temps: list[float], shock: list[float | None], every: int, profile: Profile
+) -> None:
+    readings = trace(temps, every=every, base=BAND_BASE, shock_g=shock[: len(temps)])
+    _, fast, fast_out = in_order(profile, readings)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(excursions, "_plan", _full_rule_plan)
+        _, full, full_out = in_order(profile, readings)
+    assert fast_out == full_out
+    assert fast.current == full.current
 
 
 # Late readings, restarts, redelivery ------------------------------------------------------

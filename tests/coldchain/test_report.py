@@ -21,11 +21,13 @@ import numpy as np
 import pytest
 from pypdf import PdfReader
 
+from coldchain import pdf
 from coldchain.auth import Role
-from coldchain.profiles import BUILT_IN, Profile
+from coldchain.profiles import BUILT_IN, Direction, Limit, Metric, Profile, Severity
 from coldchain.report import (
     ReportInputs,
     build,
+    condition,
     duration_text,
     mean_kinetic_temperature,
     mkt_applies,
@@ -159,6 +161,50 @@ def test_the_csv_flags_each_reading_with_the_limits_it_passed() -> None:
     assert table[1]["held_s"] == "60.0"
     assert table[1]["lid_open"] == "false"
     assert table[0]["shipment_id"] == "SH-TEST"
+
+
+def test_time_too_warm_and_too_cold_count_together_against_the_range_budget() -> None:
+    profile = PROFILES["refrigerated"]
+    rows = [(T0 + timedelta(minutes=i), 5.0, None) for i in range(10)]
+    rows += [(T0 + timedelta(minutes=10 + i), 9.0 + i / 100, None) for i in range(45)]
+    rows += [(T0 + timedelta(minutes=55 + i), 5.0, None) for i in range(10)]
+    rows += [(T0 + timedelta(minutes=65 + i), 0.9 - i / 100, None) for i in range(45)]
+    rows += [(T0 + timedelta(minutes=110 + i), 5.0, None) for i in range(10)]
+    report = build(_inputs(profile, rows, T0 + timedelta(minutes=120)))
+    budget = next(lim for lim in report.limits if lim.rule == "temp_out_of_range_budget")
+    assert budget.condition == "outside 2-8 °C, 1 h 00 min in all"
+    assert (budget.direction, budget.low, budget.threshold) == ("outside", 2.0, 8.0)
+    assert budget.beyond_s == 90 * 60 and budget.stretches == 2 and budget.longest_s == 45 * 60
+    assert budget.worst == pytest.approx(0.46)  # 1.54 below the range beats 1.44 above
+    assert report.temperature.in_range_s == 30 * 60
+    assert report.verdict.startswith(
+        "TEMPERATURE EXCURSION: outside 2-8 °C for 1 h 30 min in all, 75.0 % of monitored time;"
+        " highest severity critical."
+    )
+    flagged = list(csv.DictReader(io.StringIO(readings_csv(_inputs(profile, rows, T0)).decode())))
+    assert "temp_out_of_range_budget" in flagged[10]["beyond_limits"].split(";")
+    assert "temp_out_of_range_budget" in flagged[65]["beyond_limits"].split(";")
+
+
+def test_a_range_is_written_and_drawn_with_both_bounds() -> None:
+    label = Limit(
+        "temp_out_of_label",
+        Metric.TEMP_C,
+        Direction.OUTSIDE,
+        7.0,
+        Severity.MAJOR,
+        delay_s=600,
+        low=3.0,
+    )
+    assert condition(label) == "outside 3-7 °C for 10 min"
+    cold = Limit("t", Metric.TEMP_C, Direction.OUTSIDE, -150, Severity.MAJOR, low=-190)
+    assert condition(cold) == "outside -190 to -150 °C"
+    profile = Profile(name="label-3-7", description="3-7 °C on the label", limits=(label,))
+    assert mkt_applies(profile)
+    rows = [(T0 + timedelta(minutes=i), 5.0 + (i % 3), None) for i in range(30)]
+    document = pdf.render(build(_inputs(profile, rows, T0 + timedelta(minutes=30))))
+    text = "\n".join(page.extract_text() for page in PdfReader(io.BytesIO(document)).pages)
+    assert "3 major" in text and "7 major" in text
 
 
 def test_durations_read_as_a_person_writes_them() -> None:

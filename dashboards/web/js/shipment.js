@@ -184,9 +184,11 @@ export function shipmentScreen(root, ctx, id) {
     // Charts ------------------------------------------------------------------------------
     const tempLimits = (profile?.limits || []).filter((l) => l.metric === "temp_c");
     const xs = () => readings.map((r) => Date.parse(r.ts) / 1000);
+    // The lines a limit draws: its threshold, and the lower bound of an "outside" range.
+    const lines = (l) => [l.threshold, l.low].filter((v) => v !== null && v !== undefined);
 
     function tempRange(u, min, max) {
-      const values = [min, max, ...tempLimits.map((l) => l.threshold)].filter((v) => v !== null && Number.isFinite(v));
+      const values = [min, max, ...tempLimits.flatMap(lines)].filter((v) => v !== null && Number.isFinite(v));
       const lo = Math.min(...values), hi = Math.max(...values);
       const pad = Math.max(2, (hi - lo) * 0.08);
       return [lo - pad, hi + pad];
@@ -196,7 +198,8 @@ export function shipmentScreen(root, ctx, id) {
       let worst = null;
       for (const l of tempLimits) {
         if (value === null) continue;
-        if ((l.direction === "above" && value > l.threshold) || (l.direction === "below" && value < l.threshold)) {
+        if ((l.direction === "above" && value > l.threshold) || (l.direction === "below" && value < l.threshold)
+          || (l.direction === "outside" && (value > l.threshold || value < l.low))) {
           if (!worst || (l.severity === "critical")) worst = l;
         }
       }
@@ -228,14 +231,18 @@ export function shipmentScreen(root, ctx, id) {
           // Limits.
           c.setLineDash([6, 4]);
           for (const l of tempLimits) {
-            const py = u.valToPos(l.threshold, "y", true);
-            c.strokeStyle = COLOURS[l.severity] || "#333"; c.lineWidth = 1.5 * devicePixelRatio;
-            c.beginPath(); c.moveTo(left, py); c.lineTo(left + width, py); c.stroke();
+            for (const v of lines(l)) {
+              const py = u.valToPos(v, "y", true);
+              c.strokeStyle = COLOURS[l.severity] || "#333"; c.lineWidth = 1.5 * devicePixelRatio;
+              c.beginPath(); c.moveTo(left, py); c.lineTo(left + width, py); c.stroke();
+            }
           }
           c.setLineDash([]);
           for (const l of tempLimits) {
-            const py = u.valToPos(l.threshold, "y", true);
-            label(c, `${l.threshold} °C ${WORD[l.severity]}: ${humanRule(l.rule)}`, left + 6, py - 4, COLOURS[l.severity] || "#333");
+            for (const v of lines(l)) {
+              const py = u.valToPos(v, "y", true);
+              label(c, `${v} °C ${WORD[l.severity]}: ${humanRule(l.rule)}`, left + 6, py - 4, COLOURS[l.severity] || "#333");
+            }
           }
           // Alarms.
           const alarms = [...alarmsAll, ...fleet.alarmsOf(id)];
