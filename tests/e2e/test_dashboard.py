@@ -234,3 +234,28 @@ async def test_markup_in_data_shows_as_text_and_the_shipment_screen_draws(
     assert f"shipment{sid}" in text and "".join(markup.split()) in text
     await page.locator("text=Report downloaded.").wait_for()
     assert page_errors(page) == []
+
+
+async def test_the_shipment_screen_shows_its_planned_route_and_eta(
+    dashboard: Dashboard, browser: Browser
+) -> None:
+    dewar = f"DW-E2E{uuid.uuid4().hex[:6].upper()}"
+    sid = await dashboard.shipment(dewar)
+    # The example network's flights run in the week of 2026-10-19.
+    route = await dashboard.call(
+        "POST",
+        f"/shipments/{sid}/route",
+        role=Role.PLANNER,
+        body={"hold_hours": 120, "depart_at": "2026-10-19T08:00:00-04:00"},
+    )
+    page = await open_dashboard(browser, dashboard, Role.VIEWER)
+    await page.goto(f"{dashboard.base}/#/shipment/{sid}")
+    await page.wait_for_selector('[data-screen="shipment"][data-ready="true"]')
+    planned = page.locator("dt:has-text('Planned route') + dd")
+    text = await planned.inner_text()
+    first, last = route["legs"][0], route["legs"][-1]
+    assert text.startswith(f"{first['from']} → ") and f" → {last['to']}" in text
+    assert "ETA" in text and route["planned_by"] in text
+    await page.wait_for_selector('#shipment-map[data-ready="true"][data-route="true"]')
+    await screenshot(page, "shipment-route")
+    assert page_errors(page) == []

@@ -120,11 +120,21 @@ export function shipmentScreen(root, ctx, id) {
       const pairs = [
         ["Status", s.status.replaceAll("_", " ")], ["Dewar", s.dewar_id], ["Profile", `${s.profile}${profile ? ` — ${profile.description}` : ""}`],
         ["From → to", `${siteName(s.origin)} → ${siteName(s.destination)}`], ["Deliver by", when(s.deliver_by)],
+        ["Planned route", routeText(detail.route)],
         ["Chain of identity", s.chain_of_identity || "—"], ["Temperature", temp(last?.temp_c)], ["LN2", pct(last?.ln2_level_pct)],
         ["Hold time left", hold ? `${hours(hold.hours_left)} (margin at delivery ${hours(hold.margin_h)})${hold.tipped ? " — tipped: hold falling fast" : ""}` : "—"],
         ["Last reading", last ? `${when(last.ts)} (device), received ${ago(stale.seconds)}` : "none yet"],
       ];
       fill(facts, pairs.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+    }
+
+    // The stored route (POST /shipments/{id}/route): its stops, the ETA, who planned it.
+    function routeText(route) {
+      if (!route) return "none planned";
+      const stops = [route.legs[0]?.from, ...route.legs.map((l) => l.to)].filter(Boolean);
+      const flights = route.legs.filter((l) => l.flight).map((l) => `${l.carrier || ""}${l.flight}`);
+      return `${stops.join(" → ")}${flights.length ? ` (${flights.join(", ")})` : ""}; ETA ${when(route.eta)}, `
+        + `hold margin ${hours(route.hold_margin_hours)}; planned ${when(route.planned_at)} by ${route.planned_by}`;
     }
 
     function siteName(code) {
@@ -365,7 +375,22 @@ export function shipmentScreen(root, ctx, id) {
           .bindTooltip(h("span", {}, "now"), { permanent: true, direction: "left" }).addTo(map);
         bounds.push(now);
       }
-      if (dest && now) L.polyline([now, [dest.lat, dest.lon]], { color: "#55606e", dashArray: "4 6", weight: 2 }).addTo(map);
+      // The planned route through its stops, where the service has one; else a straight line on.
+      const stops = detail.route
+        ? [detail.route.legs[0]?.from, ...detail.route.legs.map((l) => l.to)].map((c) => fleet.sites.get(c)).filter(Boolean)
+        : [];
+      if (stops.length > 1) {
+        L.polyline(stops.map((x) => [x.lat, x.lon]), { color: "#6b3fa0", dashArray: "8 6", weight: 3 })
+          .bindTooltip(h("span", {}, `planned route, ETA ${when(detail.route.eta)}`)).addTo(map);
+        for (const x of stops.slice(1, -1)) {
+          L.circleMarker([x.lat, x.lon], { radius: 4, color: "#6b3fa0", fillColor: "#fff", fillOpacity: 1, weight: 2 })
+            .bindTooltip(h("span", {}, x.name)).addTo(map);
+          bounds.push([x.lat, x.lon]);
+        }
+        mapEl.dataset.route = "true";
+      } else if (dest && now) {
+        L.polyline([now, [dest.lat, dest.lon]], { color: "#55606e", dashArray: "4 6", weight: 2 }).addTo(map);
+      }
       if (bounds.length) map.fitBounds(L.latLngBounds(bounds).pad(0.4), { maxZoom: 7 });
       mapEl.dataset.ready = "true";
     });
