@@ -543,8 +543,9 @@ async def get_alarm(request: web.Request) -> web.Response:
 
 def _delivery_state(n: Notification, now: datetime) -> str:
     """sent, failed (given up: the last attempt says why), retrying, held (by the recipient's
-    quiet hours), or pending (about to go)."""
-    if n.status in ("sent", "failed"):
+    quiet hours), superseded (held, and a later change of the alarm goes in its place), or
+    pending (about to go)."""
+    if n.status in ("sent", "failed", "superseded"):
         return n.status
     if n.attempts:
         return "retrying"

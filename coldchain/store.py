@@ -1367,7 +1367,9 @@ class Notification:
     body: dict[str, Any]
     attempts: int
     created_at: datetime
-    status: str = "pending"  # pending (to send, or to try again) | sent | failed (given up)
+    # pending (to send, or to try again) | sent | failed (given up) | superseded (held by
+    # quiet hours when a later change of the alarm took its place)
+    status: str = "pending"
 
 
 @dataclass(frozen=True, slots=True)
@@ -1626,15 +1628,25 @@ class Store(ShipmentStore):
         )
         body = alert_body(alarm, change_id=change_id, actor=actor, comment=comment)
         now = datetime.now(UTC)
-        rows: list[tuple[Any, ...]] = [(change_id, alarm.id, "mqtt", None, body, now)]
+        # A recipient in quiet hours hears an alarm once when they end, in its latest state:
+        # this change takes the place of the alarm's deliveries still held (earlier reminders,
+        # or what came before someone acknowledged or closed it).
+        await conn.execute(
+            "UPDATE notifications SET status = 'superseded' WHERE alarm_id = $1"
+            " AND status = 'pending' AND held_until > $2",
+            alarm.id,
+            now,
+        )
+        rows: list[tuple[Any, ...]] = [(change_id, alarm.id, "mqtt", None, body, now, None)]
         sites = (shipment.origin, shipment.destination)
         for r in recipients:
             if r.wants(alarm.severity, shipment.id, sites, alarm.escalation_level):
-                due = r.quiet_until_instant(alarm.severity, now) or now
-                rows.append((change_id, alarm.id, str(r.channel), r.id, body, due))
+                held = r.quiet_until_instant(alarm.severity, now)
+                rows.append((change_id, alarm.id, str(r.channel), r.id, body, held or now, held))
         await conn.executemany(
             "INSERT INTO notifications (change_id, alarm_id, channel, recipient_id, body,"
-            " next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            " next_attempt_at, held_until) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            " ON CONFLICT DO NOTHING",
             rows,
         )
         return change_id

@@ -597,6 +597,75 @@ async def test_quiet_hours_hold_warnings_but_never_a_critical_alarm(env: Env) ->
         await runner.cleanup()
 
 
+async def test_quiet_hours_end_with_each_alarm_once_in_its_latest_state(env: Env) -> None:
+    # Major alarms repeat every 15 min x 0.004 = 3.6 s here: a "night" of 30 s holds several
+    # reminders. When it ends the sleeper hears the alarm once, as it stands, and of an alarm
+    # someone acknowledged meanwhile only the acknowledgement.
+    quiet = Receiver()
+    runner = await _start_receiver(quiet)
+    try:
+        now = datetime.now(UTC)
+        morning = (now + timedelta(seconds=30)).replace(microsecond=0)
+        status, sleeper = await env.call(
+            "POST",
+            "/api/v1/recipients",
+            {
+                "name": "sleeping duty manager",
+                "channel": "webhook",
+                "address": quiet.url,
+                "secret": SECRET,
+                "min_severity": "warning",
+                "tz": "UTC",
+                "quiet_from": (now - timedelta(hours=1)).strftime("%H:%M:%S"),
+                "quiet_until": morning.strftime("%H:%M:%S"),
+            },
+        )
+        assert status == 201, sleeper
+        dewar = f"DW-N{env.unique}"
+        sid = await env.shipment(dewar)
+        start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
+        env.publish(dewar, [Reading(seq=0, ts=start, temp_c=-190.0, shock_g=25.0)])  # a warning
+        # Warmer than -150 °C for 6 min of device time: temp_high (major), still open.
+        env.publish(dewar, readings(start + timedelta(seconds=30), [-148.0] * 13, first_seq=1))
+        alarms = await eventually(
+            lambda: env.alarms(sid), lambda a: {"shock", "temp_high"} <= {x["rule"] for x in a}
+        )
+        by_rule = {a["rule"]: a["id"] for a in alarms}
+        status, _ = await env.call(
+            "POST",
+            f"/api/v1/alarms/{by_rule['shock']}/ack",
+            {"comment": "seen to by the day shift"},
+            as_="operator",
+        )
+        assert status == 200
+        # Awake, the cold room heard every repeat; the sleeper nothing yet.
+        await eventually(
+            lambda: _now(
+                [a for a in env.receiver.received if a["alarm_id"] == by_rule["temp_high"]]
+            ),
+            lambda r: len(r) >= 4,
+            within=max(1.0, (morning - datetime.now(UTC)).total_seconds() - 1),
+        )
+        assert quiet.received == []
+        await asyncio.sleep(max(0.0, (morning - datetime.now(UTC)).total_seconds()) + 3.0)
+
+        shock = [a for a in quiet.received if a["alarm_id"] == by_rule["shock"]]
+        assert [(a["state"], a["comment"]) for a in shock] == [
+            ("acknowledged", "seen to by the day shift")
+        ]
+        warm = [a for a in quiet.received if a["alarm_id"] == by_rule["temp_high"]]
+        levels = [a["escalation_level"] for a in warm]
+        assert warm and warm[0]["state"] == "open"
+        # One delivery of the state at morning (a later reminder, once awake, is a new one).
+        assert levels[0] >= 4 and levels == sorted(set(levels)), levels
+        _, detail = await env.call("GET", f"/api/v1/alarms/{by_rule['temp_high']}")
+        mine = [d["state"] for d in detail["deliveries"] if d["recipient"] == sleeper["name"]]
+        assert mine.count("superseded") == levels[0]  # the raise and every reminder but the last
+        assert "held" not in mine
+    finally:
+        await runner.cleanup()
+
+
 @pytest.mark.fault
 async def test_a_webhook_receiver_down_for_two_minutes_gets_every_alarm_when_back(
     env: Env,
