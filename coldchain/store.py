@@ -1413,6 +1413,14 @@ def _alarm(row: asyncpg.Record) -> Alarm:
     )
 
 
+def _urgency(body: dict[str, Any]) -> int:
+    """Critical first, then major, warning, info: the order notifications are sent in."""
+    try:
+        return 3 - Severity(str(body.get("severity"))).rank
+    except ValueError:
+        return 4
+
+
 def _alarm_change(row: asyncpg.Record) -> AlarmChange:
     return AlarmChange(
         row["id"],
@@ -1903,23 +1911,28 @@ class Store(ShipmentStore):
         """Pending notifications whose time has come, claimed for a minute so that another
         instance does not send them at the same time. Not those `in_flight` here already, and
         no more for one recipient than `per_recipient` less its deliveries in flight (`busy`),
-        so that a receiver that hangs cannot take every slot; the alert topic is not capped."""
+        so that a receiver that hangs cannot take every slot; the alert topic is not capped.
+        Most urgent first: after a flood of lesser alarms (a network outage raising "signal
+        lost" for a whole fleet), a critical one does not wait behind them."""
         busy = busy or {}
         async with self._connection() as conn, conn.transaction():
             rows = await conn.fetch(
                 "WITH busy AS"
                 " (SELECT * FROM unnest($3::bigint[], $4::int[]) AS b (recipient_id, n)),"
-                " candidates AS (SELECT id, recipient_id FROM notifications"
-                " WHERE status = 'pending' AND next_attempt_at <= $1"
-                " AND NOT id = ANY($5::bigint[])"
-                " AND (recipient_id IS NULL OR recipient_id NOT IN"
+                " candidates AS (SELECT n.id, n.recipient_id, CASE a.severity"
+                " WHEN 'critical' THEN 0 WHEN 'major' THEN 1 WHEN 'warning' THEN 2 ELSE 3 END"
+                " AS urgency FROM notifications n JOIN alarms a ON a.id = n.alarm_id"
+                " WHERE n.status = 'pending' AND n.next_attempt_at <= $1"
+                " AND NOT n.id = ANY($5::bigint[])"
+                " AND (n.recipient_id IS NULL OR n.recipient_id NOT IN"
                 " (SELECT recipient_id FROM busy WHERE n >= $6))"
-                " ORDER BY id LIMIT $7 FOR UPDATE SKIP LOCKED),"
-                " ranked AS (SELECT c.id, c.recipient_id IS NULL OR coalesce(b.n, 0)"
-                " + row_number() OVER (PARTITION BY c.recipient_id ORDER BY c.id) <= $6 AS fits"
-                " FROM candidates c LEFT JOIN busy b USING (recipient_id))"
+                " ORDER BY urgency, n.id LIMIT $7 FOR UPDATE OF n SKIP LOCKED),"
+                " ranked AS (SELECT c.id, c.urgency, c.recipient_id IS NULL OR coalesce(b.n, 0)"
+                " + row_number() OVER (PARTITION BY c.recipient_id ORDER BY c.urgency, c.id)"
+                " <= $6 AS fits FROM candidates c LEFT JOIN busy b USING (recipient_id)),"
+                " chosen AS (SELECT id FROM ranked WHERE fits ORDER BY urgency, id LIMIT $2)"
                 " UPDATE notifications SET next_attempt_at = $1 + interval '60 seconds'"
-                " WHERE id IN (SELECT id FROM ranked WHERE fits ORDER BY id LIMIT $2)"
+                " WHERE id IN (SELECT id FROM chosen)"
                 " RETURNING *",
                 now,
                 limit,
@@ -1951,7 +1964,7 @@ class Store(ShipmentStore):
                 )
                 for r in rows
             ),
-            key=lambda n: n.id,
+            key=lambda n: (_urgency(n.body), n.id),
         )
 
     async def delivered(self, notification_id: int, detail: str | None, duration_ms: float) -> None:

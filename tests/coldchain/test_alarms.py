@@ -903,3 +903,49 @@ async def test_the_outbox_claims_no_more_than_four_at_a_time_for_one_recipient(
         assert not {n.id for n in first} & {n.id for n in second}
     finally:
         await store.close()
+
+
+async def test_a_critical_alarm_is_sent_before_a_flood_of_lesser_ones(database_url: str) -> None:
+    store = await Store.open(database_url)
+    try:
+        await store.migrate()
+        await store.import_sites(list(example_network().sites.values()), "test")
+        now = datetime.now(UTC)
+        shipment = await store.create_shipment(
+            Shipment(
+                "SH-FLOOD",
+                "DW-FLOOD",
+                "cryo-vapor",
+                "MFG-MPN",
+                "TC-NKI",
+                now + timedelta(days=4),
+                None,
+                None,
+                Status.CREATED,
+                now,
+                "test",
+                now,
+                None,
+            ),  # fmt: skip
+            Actor(0, "test", Role.ADMIN),
+        )
+        # A fleet's worth of "signal lost" (major) first, then one critical alarm.
+        await store.apply_transitions(
+            shipment,
+            [
+                Transition(f"lost:{i}", "signal_lost", Severity.MAJOR, "raised",
+                           now, now, 900, 900, "")
+                for i in range(40)
+            ],
+        )  # fmt: skip
+        await store.apply_transitions(
+            shipment,
+            [Transition("glass:1", "temp_glass_transition", Severity.CRITICAL, "raised",
+                        now, now, -120, -135, "")],
+        )  # fmt: skip
+        claimed = await store.due_notifications(datetime.now(UTC), 5)
+        assert len(claimed) == 5
+        assert claimed[0].body["rule"] == "temp_glass_transition"
+        assert [n.body["severity"] for n in claimed[1:]] == ["major"] * 4
+    finally:
+        await store.close()
