@@ -62,3 +62,43 @@ async def test_every_client_gets_every_event_and_a_stalled_one_is_dropped() -> N
             await stalled.close()
     finally:
         await runner.cleanup()
+
+
+async def test_a_stalled_client_is_dropped_by_bytes_long_before_its_event_limit() -> None:
+    # At peak ingest an event is a whole batch of readings: the queue is bounded in bytes too.
+    registry = Registry()
+    hub = LiveHub(registry, queue_bytes=1_000_000)
+    runner, url = await _serve(hub)
+    events = QUEUE_LIMIT // 2  # never enough to fill the queue by count
+    try:
+        async with aiohttp.ClientSession() as session:
+            reader = await session.ws_connect(url, max_msg_size=1 << 20)
+            stalled = await session.ws_connect(url, max_msg_size=1 << 20)
+            for ws in (reader, stalled):
+                assert json.loads((await ws.receive(timeout=5)).data)["type"] == "hello"
+            transport = stalled._response.connection.transport  # type: ignore[union-attr]
+            assert transport is not None
+            transport.pause_reading()
+            got = 0
+
+            async def read() -> None:
+                nonlocal got
+                while got < events:
+                    msg = await reader.receive(timeout=20)
+                    assert msg.type == WSMsgType.TEXT
+                    assert json.loads(msg.data)["data"]["n"] == got
+                    got += 1
+
+            consumer = asyncio.create_task(read())
+            pad = "y" * 200_000  # 128 events of 200 kB: far more than the socket buffers hold
+            for n in range(events):
+                hub.publish("readings", {"n": n, "pad": pad})
+                await asyncio.sleep(0.005)
+            await asyncio.wait_for(consumer, 60)
+            assert got == events
+            assert hub.clients == 1
+            assert "coldchain_live_dropped_clients_total 1" in registry.render()
+            await reader.close()
+            await stalled.close()
+    finally:
+        await runner.cleanup()
