@@ -51,6 +51,10 @@ WINDOW = 2000
 
 def make_messages(count: int, dewars: int) -> list[tuple[str, bytes]]:
     """`count` readings spread over `dewars` dewars, each about 200 bytes of JSON."""
+    if count > dewars * 360:
+        # A minute apart over the last six hours: more would be from the future, and the
+        # service dead-letters those (a clock over 5 minutes ahead).
+        raise SystemExit(f"at most 360 readings per dewar: raise --dewars to {-(-count // 360)}")
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=6)
     out = []
     for i in range(count):
