@@ -25,23 +25,21 @@ import asyncio
 import json
 import multiprocessing
 import os
-import shutil
 import socket
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from multiprocessing.synchronize import Event as EventType
-from pathlib import Path
 
 import paho.mqtt.client as paho
 from aiohttp import web
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.harness import (
+    BenchServers,
     connect_packet,
     create_database,
     create_shipments,
@@ -51,7 +49,7 @@ from bench.harness import (
 )
 from bench.ingest import coldchain_rate, make_messages
 from coldchain.alarms import Channel, Recipient
-from coldchain.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from coldchain.embedded import free_port
 from coldchain.profiles import Severity
 from sensors import Reading, encode_reading, telemetry_topic
 
@@ -257,14 +255,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="coldchain-alerts-"))
-    embedded_pg: EmbeddedPostgres | None = None
-    server_url = os.environ.get("COLDCHAIN_DATABASE_URL")
-    if not server_url:
-        embedded_pg = EmbeddedPostgres(work / "pg")
-        server_url = embedded_pg.start()
-    broker = EmbeddedBroker(work / "broker", prefer="mosquitto")
-    broker.start()
+    servers = BenchServers("coldchain-alerts-")
+    work, server_url, broker = servers.work, servers.server_url, servers.broker
     if args.load <= 0:
         scratch = asyncio.run(create_database(server_url))
         try:
@@ -331,10 +323,7 @@ def main() -> None:
             service.terminate()
             service.wait(30)
         asyncio.run(drop_database(server_url, database_url))
-        broker.stop()
-        if embedded_pg is not None:
-            embedded_pg.destroy()
-        shutil.rmtree(work, ignore_errors=True)
+        servers.close()
 
 
 if __name__ == "__main__":

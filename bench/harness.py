@@ -8,9 +8,11 @@ collapsed stacks land in DIR, one file per run."""
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -22,10 +24,40 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from coldchain.auth import Actor, Role
-from coldchain.embedded import free_port
+from coldchain.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from coldchain.shipments import EventType, Shipment, Status
 from coldchain.store import Store
 from routing import example_network
+
+
+class BenchServers:
+    """A scratch folder, a PostgreSQL server to make databases on (COLDCHAIN_DATABASE_URL, else
+    an embedded one) and a private Mosquitto with the compose file's settings; `close` stops
+    what was started and removes the folder."""
+
+    def __init__(self, prefix: str) -> None:
+        self.work = Path(tempfile.mkdtemp(prefix=prefix))
+        self._embedded: EmbeddedPostgres | None = None
+        try:
+            url = os.environ.get("COLDCHAIN_DATABASE_URL")
+            if not url:
+                self._embedded = EmbeddedPostgres(self.work / "pg")
+                url = self._embedded.start()
+            self.server_url = url
+            self.broker = EmbeddedBroker(self.work / "broker", prefer="mosquitto")
+            self.broker.start()
+        except BaseException:
+            self._cleanup()
+            raise
+
+    def close(self) -> None:
+        self.broker.stop()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._embedded is not None:
+            self._embedded.destroy()
+        shutil.rmtree(self.work, ignore_errors=True)
 
 
 async def create_database(server_url: str) -> str:

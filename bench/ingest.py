@@ -26,7 +26,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -35,6 +34,7 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 
 from bench.harness import (
+    BenchServers,
     connect_packet,
     create_database,
     create_shipments,
@@ -43,7 +43,7 @@ from bench.harness import (
     publish_packet,
     start_service,
 )
-from coldchain.embedded import EmbeddedBroker, EmbeddedPostgres
+from coldchain.embedded import EmbeddedBroker
 from sensors import Reading, encode_reading, telemetry_topic
 
 WINDOW = 2000
@@ -187,14 +187,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="coldchain-bench-"))
-    embedded_pg: EmbeddedPostgres | None = None
-    server_url = os.environ.get("COLDCHAIN_DATABASE_URL")
-    if not server_url:
-        embedded_pg = EmbeddedPostgres(work / "pg")
-        server_url = embedded_pg.start()
-    broker = EmbeddedBroker(work / "broker", prefer="mosquitto")
-    broker.start()
+    servers = BenchServers("coldchain-bench-")
+    work, server_url, broker = servers.work, servers.server_url, servers.broker
     messages = make_messages(args.messages, args.dewars)
     sizes = [len(p) for _, p in messages]
     print(
@@ -234,10 +228,7 @@ def main() -> None:
             f"{sys.version.split()[0]})"
         )
     finally:
-        broker.stop()
-        if embedded_pg is not None:
-            embedded_pg.destroy()
-        shutil.rmtree(work, ignore_errors=True)
+        servers.close()
 
 
 if __name__ == "__main__":

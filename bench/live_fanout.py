@@ -46,11 +46,9 @@ import math
 import multiprocessing
 import os
 import resource
-import shutil
 import socket
 import statistics
 import sys
-import tempfile
 import termios
 import threading
 import time
@@ -67,10 +65,10 @@ import asyncpg
 import msgspec
 import numpy as np
 
-from bench.harness import create_database, drop_database, start_service
+from bench.harness import BenchServers, create_database, drop_database, start_service
 from bench.ingest import make_messages, publish
 from coldchain.auth import Role, new_token, token_hash
-from coldchain.embedded import EmbeddedBroker, EmbeddedPostgres
+from coldchain.embedded import EmbeddedBroker
 from coldchain.store import Store
 
 POLL_S = 0.05
@@ -475,14 +473,8 @@ def main() -> None:
         # would be from the future, and the service dead-letters those.
         raise SystemExit(f"at most {MAX_PER_DEWAR} readings per dewar: raise --dewars")
 
-    work = Path(tempfile.mkdtemp(prefix="coldchain-bench-"))
-    embedded_pg: EmbeddedPostgres | None = None
-    server_url = os.environ.get("COLDCHAIN_DATABASE_URL")
-    if not server_url:
-        embedded_pg = EmbeddedPostgres(work / "pg")
-        server_url = embedded_pg.start()
-    broker = EmbeddedBroker(work / "broker", prefer="mosquitto")
-    broker.start()
+    servers = BenchServers("coldchain-bench-")
+    work, server_url, broker = servers.work, servers.server_url, servers.broker
     messages = make_messages(args.readings, args.dewars)
     sizes = [len(p) for _, p in messages]
     print(
@@ -504,10 +496,7 @@ def main() -> None:
                 work / f"{name}.log",
             )
     finally:
-        broker.stop()
-        if embedded_pg is not None:
-            embedded_pg.destroy()
-        shutil.rmtree(work, ignore_errors=True)
+        servers.close()
 
     base, one, fan = runs
     attached = fan.clients + fan.stalled
