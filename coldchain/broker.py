@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 MessageHandler = Callable[[str, bytes, int | None], None]
 
 _PUBACK = struct.Struct("!BBH")  # fixed header 0x40, remaining length 2, packet id
+PUBLISH_WAIT_S = 10.0
 
 
 class BrokerLink:
@@ -134,8 +135,26 @@ class BrokerLink:
     def resume_reading(self) -> None:
         self._flowing.set()
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        self._client.publish(topic, payload, qos=qos, retain=retain)
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        """Publish; at QoS 1, wait while every packet id the broker allows in flight (its
+        Receive Maximum: 20 in Mosquitto's default configuration) awaits its PUBACK, rather
+        than fail: gmqtt raises OverflowError then, and a burst of alerts would have crashed
+        their deliveries until their claims ran out. ConnectionError if it stays full."""
+        deadline = asyncio.get_running_loop().time() + PUBLISH_WAIT_S
+        while True:
+            try:
+                self._client.publish(topic, payload, qos=qos, retain=retain)
+            except OverflowError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise ConnectionError(
+                        "the broker acknowledged none of our QoS 1 publishes for "
+                        f"{PUBLISH_WAIT_S:g} s"
+                    ) from None
+                await asyncio.sleep(0.002)
+            else:
+                return
 
     def _transport(self) -> asyncio.Transport | None:
         connection = getattr(self._client, "_connection", None)

@@ -188,7 +188,10 @@ class Dispatcher:
         if n.channel is Channel.MQTT:
             if not self._broker.connected:
                 raise DeliveryError("MQTT broker not connected")
-            self._broker.publish(alert_topic(str(n.body["shipment_id"])), body, qos=1)
+            try:
+                await self._broker.publish(alert_topic(str(n.body["shipment_id"])), body, qos=1)
+            except ConnectionError as exc:
+                raise DeliveryError(str(exc)) from exc
             return "published"
         recipient = n.recipient
         if recipient is None:
