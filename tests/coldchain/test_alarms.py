@@ -831,9 +831,9 @@ async def test_a_webhook_that_hangs_does_not_hold_up_the_other_channels(env: Env
         await runner.cleanup()
 
 
-async def test_the_outbox_claims_no_more_than_four_at_a_time_for_one_recipient(
-    database_url: str,
-) -> None:
+@pytest.fixture
+async def outbox(database_url: str) -> AsyncIterator[tuple[Store, Shipment]]:
+    """A migrated store with the example sites and one created cryo-vapor shipment."""
     store = await Store.open(database_url)
     try:
         await store.migrate()
@@ -841,80 +841,8 @@ async def test_the_outbox_claims_no_more_than_four_at_a_time_for_one_recipient(
         now = datetime.now(UTC)
         shipment = await store.create_shipment(
             Shipment(
-                id="SH-CLAIMS",
-                dewar_id="DW-CLAIMS",
-                profile="cryo-vapor",
-                origin="MFG-MPN",
-                destination="TC-NKI",
-                deliver_by=now + timedelta(days=4),
-                planned_departure=None,
-                chain_of_identity=None,
-                status=Status.CREATED,
-                created_at=now,
-                created_by="test",
-                starts_at=now,
-                ends_at=None,
-            ),
-            Actor(0, "test", Role.ADMIN),
-        )
-        hooks = [
-            await store.add_recipient(
-                Recipient(
-                    id=0,
-                    name=name,
-                    channel=Channel.WEBHOOK,
-                    address=f"http://127.0.0.1:9/{name}",
-                    secret=SECRET,
-                    min_severity=Severity.INFO,
-                    site_id=None,
-                    shipment_id=None,
-                    tier=0,
-                    quiet_from=None,
-                    quiet_until=None,
-                    tz="UTC",
-                    active=True,
-                ),
-                "test",
-            )
-            for name in ("slow", "healthy")
-        ]
-        slow, healthy = (h.id for h in hooks)
-        await store.apply_transitions(
-            shipment,
-            [
-                Transition(f"shock:{i}", "shock", Severity.WARNING, "raised", now, now, 25, 10, "")
-                for i in range(6)
-            ],
-        )
-
-        def count(claimed: list[Any]) -> dict[int | None, int]:
-            counts: dict[int | None, int] = {}
-            for n in claimed:
-                key = n.recipient.id if n.recipient else None
-                counts[key] = counts.get(key, 0) + 1
-            return counts
-
-        # The slow receiver has four deliveries in flight already: none more for it.
-        due = datetime.now(UTC)
-        first = await store.due_notifications(due, 100, busy={slow: 4}, per_recipient=4)
-        assert count(first) == {None: 6, healthy: 4}
-        second = await store.due_notifications(due, 100, per_recipient=4)
-        assert count(second) == {slow: 4, healthy: 2}
-        assert not {n.id for n in first} & {n.id for n in second}
-    finally:
-        await store.close()
-
-
-async def test_a_critical_alarm_is_sent_before_a_flood_of_lesser_ones(database_url: str) -> None:
-    store = await Store.open(database_url)
-    try:
-        await store.migrate()
-        await store.import_sites(list(example_network().sites.values()), "test")
-        now = datetime.now(UTC)
-        shipment = await store.create_shipment(
-            Shipment(
-                "SH-FLOOD",
-                "DW-FLOOD",
+                "SH-OUTBOX",
+                "DW-OUTBOX",
                 "cryo-vapor",
                 "MFG-MPN",
                 "TC-NKI",
@@ -929,23 +857,82 @@ async def test_a_critical_alarm_is_sent_before_a_flood_of_lesser_ones(database_u
             ),  # fmt: skip
             Actor(0, "test", Role.ADMIN),
         )
-        # A fleet's worth of "signal lost" (major) first, then one critical alarm.
-        await store.apply_transitions(
-            shipment,
-            [
-                Transition(f"lost:{i}", "signal_lost", Severity.MAJOR, "raised",
-                           now, now, 900, 900, "")
-                for i in range(40)
-            ],
-        )  # fmt: skip
-        await store.apply_transitions(
-            shipment,
-            [Transition("glass:1", "temp_glass_transition", Severity.CRITICAL, "raised",
-                        now, now, -120, -135, "")],
-        )  # fmt: skip
-        claimed = await store.due_notifications(datetime.now(UTC), 5)
-        assert len(claimed) == 5
-        assert claimed[0].body["rule"] == "temp_glass_transition"
-        assert [n.body["severity"] for n in claimed[1:]] == ["major"] * 4
+        yield store, shipment
     finally:
         await store.close()
+
+
+async def test_the_outbox_claims_no_more_than_four_at_a_time_for_one_recipient(
+    outbox: tuple[Store, Shipment],
+) -> None:
+    store, shipment = outbox
+    now = datetime.now(UTC)
+    hooks = [
+        await store.add_recipient(
+            Recipient(
+                id=0,
+                name=name,
+                channel=Channel.WEBHOOK,
+                address=f"http://127.0.0.1:9/{name}",
+                secret=SECRET,
+                min_severity=Severity.INFO,
+                site_id=None,
+                shipment_id=None,
+                tier=0,
+                quiet_from=None,
+                quiet_until=None,
+                tz="UTC",
+                active=True,
+            ),
+            "test",
+        )
+        for name in ("slow", "healthy")
+    ]
+    slow, healthy = (h.id for h in hooks)
+    await store.apply_transitions(
+        shipment,
+        [
+            Transition(f"shock:{i}", "shock", Severity.WARNING, "raised", now, now, 25, 10, "")
+            for i in range(6)
+        ],
+    )
+
+    def count(claimed: list[Any]) -> dict[int | None, int]:
+        counts: dict[int | None, int] = {}
+        for n in claimed:
+            key = n.recipient.id if n.recipient else None
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    # The slow receiver has four deliveries in flight already: none more for it.
+    due = datetime.now(UTC)
+    first = await store.due_notifications(due, 100, busy={slow: 4}, per_recipient=4)
+    assert count(first) == {None: 6, healthy: 4}
+    second = await store.due_notifications(due, 100, per_recipient=4)
+    assert count(second) == {slow: 4, healthy: 2}
+    assert not {n.id for n in first} & {n.id for n in second}
+
+
+async def test_a_critical_alarm_is_sent_before_a_flood_of_lesser_ones(
+    outbox: tuple[Store, Shipment],
+) -> None:
+    store, shipment = outbox
+    now = datetime.now(UTC)
+    # A fleet's worth of "signal lost" (major) first, then one critical alarm.
+    await store.apply_transitions(
+        shipment,
+        [
+            Transition(f"lost:{i}", "signal_lost", Severity.MAJOR, "raised",
+                       now, now, 900, 900, "")
+            for i in range(40)
+        ],
+    )  # fmt: skip
+    await store.apply_transitions(
+        shipment,
+        [Transition("glass:1", "temp_glass_transition", Severity.CRITICAL, "raised",
+                    now, now, -120, -135, "")],
+    )  # fmt: skip
+    claimed = await store.due_notifications(datetime.now(UTC), 5)
+    assert len(claimed) == 5
+    assert claimed[0].body["rule"] == "temp_glass_transition"
+    assert [n.body["severity"] for n in claimed[1:]] == ["major"] * 4
