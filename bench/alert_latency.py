@@ -75,10 +75,15 @@ class Arrivals:
                 self.times.setdefault(key, time.time())
 
 
+def _dewars() -> list[str]:
+    """The dewars that raise the alarms, then those that carry the load."""
+    return [f"ALERT-{d:03d}" for d in range(ALARM_DEWARS)] + [
+        f"LOAD-{d:04d}" for d in range(LOAD_DEWARS)
+    ]
+
+
 async def _setup(database_url: str, hook_url: str) -> None:
-    dewars = [f"ALERT-{d:03d}" for d in range(ALARM_DEWARS)]
-    dewars += [f"LOAD-{d:04d}" for d in range(LOAD_DEWARS)]
-    store = await create_shipments(database_url, dewars, packed_ago=timedelta(hours=20))
+    store = await create_shipments(database_url, _dewars(), packed_ago=timedelta(hours=20))
     try:
         await store.add_recipient(
             Recipient(
@@ -169,14 +174,12 @@ def _paced_load(port: int, rate: float, stop: EventType) -> None:
 def _warm_up(port: int) -> None:
     """A first calm reading of every dewar, before anything the benchmark times."""
     at = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=11)
-    dewars = [f"ALERT-{d:03d}" for d in range(ALARM_DEWARS)]
-    dewars += [f"LOAD-{d:04d}" for d in range(LOAD_DEWARS)]
     publisher = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-warm-up")
     publisher.max_inflight_messages_set(1000)
     publisher.connect("127.0.0.1", port)
     publisher.loop_start()
     calm = Reading(seq=0, ts=at, temp_c=-190.0, ln2_level_pct=80.0, tilt_deg=2.0, shock_g=0.1)
-    infos = [publisher.publish(telemetry_topic(d), encode_reading(calm), qos=1) for d in dewars]
+    infos = [publisher.publish(telemetry_topic(d), encode_reading(calm), qos=1) for d in _dewars()]
     for info in infos:
         info.wait_for_publish(30)
     publisher.disconnect()

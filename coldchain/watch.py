@@ -363,7 +363,7 @@ class Watch:
                     and (shipment.ends_at is None or i.reading.ts < shipment.ends_at)
                 ]
                 tracked = self._tracked.get(shipment.id)
-                if mine and tracked is not None and tracked.fed_through is not None:
+                if mine and tracked is not None:
                     mine = _unseen(tracked, mine)
                 if mine and tracked is not None:
                     tracked.last_received = max(
