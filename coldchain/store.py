@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final, Self
@@ -616,18 +616,23 @@ def _site_values(site: Site) -> tuple[Any, ...]:
     )
 
 
+_AUDIT: Final = (
+    "INSERT INTO audit_log (actor, action, entity, entity_id, detail) VALUES ($1, $2, $3, $4, $5)"
+)
+
+
 async def _audit(
     conn: Connection, actor: str, action: str, entity: str, entity_id: str, detail: object = None
 ) -> None:
-    await conn.execute(
-        "INSERT INTO audit_log (actor, action, entity, entity_id, detail)"
-        " VALUES ($1, $2, $3, $4, $5)",
-        actor,
-        action,
-        entity,
-        entity_id,
-        detail,
-    )
+    await conn.execute(_AUDIT, actor, action, entity, entity_id, detail)
+
+
+async def _audit_many(
+    conn: Connection, entries: Sequence[tuple[str, str, str, str, object]]
+) -> None:
+    """Several audit entries (actor, action, entity, entity_id, detail) in one round trip."""
+    if entries:
+        await conn.executemany(_AUDIT, entries)
 
 
 async def _refuse_overlap(
@@ -1413,6 +1418,53 @@ def _alarm(row: asyncpg.Record) -> Alarm:
     )
 
 
+def _after(alarm: Alarm, t: Transition) -> tuple[Alarm, bool]:
+    """The alarm after transition `t` of its episode, and whether that is a change people hear
+    of; the same alarm object when `t` changes nothing (a repeat, redelivered or re-derived)."""
+    if t.kind == "raised":
+        if alarm.state is AlarmState.VOID:
+            reraised = replace(
+                alarm,
+                state=AlarmState.OPEN,
+                condition_active=True,
+                cleared_at=None,
+                value=t.value,
+                message=t.message,
+            )
+            return reraised, True
+        # Already known: the latest value and wording, quietly.
+        return replace(alarm, value=t.value, message=t.message), False
+    if t.kind == "cleared":
+        if not alarm.condition_active:
+            return alarm, False
+        kept = alarm.state in (AlarmState.CLOSED, AlarmState.VOID)
+        cleared = replace(
+            alarm,
+            condition_active=False,
+            cleared_at=t.at,
+            state=alarm.state if kept else AlarmState.CLEARED,
+            value=t.value,
+        )
+        return cleared, True
+    if t.kind == "retracted":
+        if alarm.state is AlarmState.VOID:
+            return alarm, False
+        voided = replace(
+            alarm,
+            state=AlarmState.VOID,
+            condition_active=False,
+            next_notify_at=None,
+            message=f"retracted: late readings show this did not happen ({alarm.message})",
+        )
+        return voided, True
+    if t.kind == "reopened":
+        if alarm.condition_active:
+            return alarm, False
+        state = AlarmState.OPEN if alarm.acknowledged_at is None else AlarmState.ACKNOWLEDGED
+        return replace(alarm, state=state, condition_active=True, cleared_at=None), True
+    raise ValueError(f"unknown transition kind {t.kind!r}")
+
+
 def _urgency(body: dict[str, Any]) -> int:
     """Critical first, then major, warning, info: the order notifications are sent in."""
     try:
@@ -1478,142 +1530,148 @@ class Store(ShipmentStore):
         self, work: Sequence[tuple[Shipment, Sequence[Transition]]]
     ) -> list[Alarm]:
         """`apply_transitions` for several shipments in one transaction (a committed batch's
-        worth), each shipment's in order: one commit and one look at the recipients for all."""
-        changed: list[Alarm] = []
-        if not any(transitions for _, transitions in work):
-            return changed
+        worth), each shipment's in order. Set-based: the episodes' alarms are locked and read in
+        one statement, each transition's effect is worked out here in order, and the new alarms,
+        their updates, the changes, the outbox rows and the audit entries are written with a
+        statement each, however many transitions there are."""
+        items = [(shipment, t) for shipment, transitions in work for t in transitions]
+        if not items:
+            return []
         async with self._connection() as conn, conn.transaction():
             recipients = await self._recipients(conn)
-            for shipment, transitions in work:
-                changed += await self._apply_all(conn, shipment, transitions, recipients)
-        return changed
+            current = await self._lock_episodes(conn, {(s.id, t.episode_key) for s, t in items})
+            fresh = await self._insert_raised(conn, items, current)
+            touched: dict[int, Alarm] = {}  # alarms that were there before, in their new state
+            changes: list[tuple[Alarm, Shipment, Transition]] = []
+            for shipment, t in items:
+                key = (shipment.id, t.episode_key)
+                alarm = current.get(key)
+                if alarm is None:
+                    alarm = fresh.pop(key, None) if t.kind == "raised" else None
+                    if alarm is None:
+                        logger.warning(
+                            "transition %s for unknown episode %s of %s; ignored",
+                            t.kind,
+                            t.episode_key,
+                            shipment.id,
+                        )
+                        continue
+                    current[key] = alarm
+                    changes.append((alarm, shipment, t))
+                    continue
+                after, changed = _after(alarm, t)
+                if after is alarm:
+                    continue
+                current[key] = touched[after.id] = after
+                if changed:
+                    changes.append((after, shipment, t))
+            if touched:
+                await conn.executemany(
+                    "UPDATE alarms SET state = $2, condition_active = $3, cleared_at = $4,"
+                    " value = $5, message = $6, next_notify_at = $7, updated_at = now()"
+                    " WHERE id = $1",
+                    [
+                        (
+                            a.id,
+                            str(a.state),
+                            a.condition_active,
+                            a.cleared_at,
+                            a.value,
+                            a.message,
+                            a.next_notify_at,
+                        )
+                        for a in touched.values()
+                    ],
+                )
+            change_ids = await self._record_changes(
+                conn, [(a, s, None, None) for a, s, _ in changes], recipients
+            )
+            await _audit_many(
+                conn,
+                [
+                    (
+                        RULES_ACTOR,
+                        _TRANSITION_ACTIONS[t.kind],
+                        "alarm",
+                        str(a.id),
+                        {
+                            "change_id": change_id,
+                            "rule": a.rule,
+                            "shipment_id": a.shipment_id,
+                            "state": str(a.state),
+                            "severity": str(a.severity),
+                            "at": t.at,  # device time
+                            "value": t.value,
+                            "limit": t.limit,
+                            "message": a.message,
+                        },
+                    )
+                    for (a, _, t), change_id in zip(changes, change_ids, strict=True)
+                ],
+            )
+        return [a for a, _, _ in changes]
 
-    async def _apply_all(
+    async def _lock_episodes(
+        self, conn: Connection, keys: set[tuple[str, str]]
+    ) -> dict[tuple[str, str], Alarm]:
+        """The alarms of these (shipment, episode) keys that exist, locked (in id order, so that
+        two writers cannot deadlock)."""
+        rows = await conn.fetch(
+            "SELECT a.* FROM alarms a JOIN unnest($1::text[], $2::text[])"
+            " AS k (shipment_id, episode_key) USING (shipment_id, episode_key)"
+            " ORDER BY a.id FOR UPDATE OF a",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+        )
+        return {(r["shipment_id"], r["episode_key"]): _alarm(r) for r in rows}
+
+    async def _insert_raised(
         self,
         conn: Connection,
-        shipment: Shipment,
-        transitions: Sequence[Transition],
-        recipients: list[Recipient],
-    ) -> list[Alarm]:
-        changed: list[Alarm] = []
-        for t in transitions:
-            alarm = await self._apply_one(conn, shipment, t)
-            if alarm is not None:
-                change_id = await self._record_change(conn, alarm, shipment, recipients, None, None)
-                await _audit(
-                    conn,
-                    RULES_ACTOR,
-                    _TRANSITION_ACTIONS[t.kind],
-                    "alarm",
-                    str(alarm.id),
-                    {
-                        "change_id": change_id,
-                        "rule": alarm.rule,
-                        "shipment_id": alarm.shipment_id,
-                        "state": str(alarm.state),
-                        "severity": str(alarm.severity),
-                        "at": t.at,  # device time
-                        "value": t.value,
-                        "limit": t.limit,
-                        "message": alarm.message,
-                    },
-                )
-                changed.append(alarm)
-        return changed
-
-    async def _apply_one(self, conn: Connection, shipment: Shipment, t: Transition) -> Alarm | None:
-        current = await conn.fetchrow(
-            "SELECT * FROM alarms WHERE shipment_id = $1 AND episode_key = $2 FOR UPDATE",
-            shipment.id,
-            t.episode_key,
-        )
+        items: Sequence[tuple[Shipment, Transition]],
+        current: Mapping[tuple[str, str], Alarm],
+    ) -> dict[tuple[str, str], Alarm]:
+        """Insert the alarm of each new episode, as its first raise has it, in one statement."""
+        first: dict[tuple[str, str], tuple[Shipment, Transition]] = {}
+        for shipment, t in items:
+            key = (shipment.id, t.episode_key)
+            if t.kind == "raised" and key not in current:
+                first.setdefault(key, (shipment, t))
+        if not first:
+            return {}
         now = datetime.now(UTC)
-        if t.kind == "raised":
-            if current is None:
-                remind = REMIND_AFTER[t.severity]
-                row = await conn.fetchrow(
-                    "INSERT INTO alarms (shipment_id, dewar_id, rule, episode_key, severity,"
-                    " state, started_at, value, limit_value, message, next_notify_at)"
-                    " VALUES ($1,$2,$3,$4,$5,'open',$6,$7,$8,$9,$10) RETURNING *",
-                    shipment.id,
-                    shipment.dewar_id,
-                    t.rule,
-                    t.episode_key,
-                    str(t.severity),
-                    t.started_at,
-                    t.value,
-                    t.limit,
-                    t.message,
-                    None if remind is None else now + remind * self.remind_scale,
-                )
-                return None if row is None else _alarm(row)
-            if current["state"] == "void":
-                row = await conn.fetchrow(
-                    "UPDATE alarms SET state = 'open', condition_active = true, cleared_at = NULL,"
-                    " value = $2, message = $3, updated_at = now() WHERE id = $1 RETURNING *",
-                    current["id"],
-                    t.value,
-                    t.message,
-                )
-                return None if row is None else _alarm(row)
-            # Already known: keep the worst value seen and the latest wording, quietly.
-            await conn.execute(
-                "UPDATE alarms SET value = $2, message = $3, updated_at = now() WHERE id = $1",
-                current["id"],
-                t.value,
-                t.message,
+        new = list(first.values())
+        columns = list(
+            zip(
+                *(
+                    (
+                        s.id,
+                        s.dewar_id,
+                        t.rule,
+                        t.episode_key,
+                        str(t.severity),
+                        t.started_at,
+                        t.value,
+                        t.limit,
+                        t.message,
+                        None if remind is None else now + remind * self.remind_scale,
+                    )
+                    for s, t in new
+                    for remind in (REMIND_AFTER[t.severity],)
+                ),
+                strict=True,
             )
-            return None
-        if current is None:
-            logger.warning(
-                "transition %s for unknown episode %s of %s; ignored",
-                t.kind,
-                t.episode_key,
-                shipment.id,
-            )
-            return None
-        state = AlarmState(current["state"])
-        if t.kind == "cleared":
-            if not current["condition_active"]:
-                return None
-            new_state: AlarmState = (
-                state if state in (AlarmState.CLOSED, AlarmState.VOID) else (AlarmState.CLEARED)
-            )
-            row = await conn.fetchrow(
-                "UPDATE alarms SET condition_active = false, cleared_at = $2, state = $3,"
-                " value = $4, updated_at = now() WHERE id = $1 RETURNING *",
-                current["id"],
-                t.at,
-                str(new_state),
-                t.value,
-            )
-        elif t.kind == "retracted":
-            if state is AlarmState.VOID:
-                return None
-            row = await conn.fetchrow(
-                "UPDATE alarms SET state = 'void', condition_active = false,"
-                " next_notify_at = NULL, message = $2, updated_at = now()"
-                " WHERE id = $1 RETURNING *",
-                current["id"],
-                f"retracted: late readings show this did not happen ({current['message']})",
-            )
-        elif t.kind == "reopened":
-            if current["condition_active"]:
-                return None
-            new_state = (
-                AlarmState.ACKNOWLEDGED
-                if current["acknowledged_at"] is not None
-                else AlarmState.OPEN
-            )
-            row = await conn.fetchrow(
-                "UPDATE alarms SET state = $2, condition_active = true, cleared_at = NULL,"
-                " updated_at = now() WHERE id = $1 RETURNING *",
-                current["id"],
-                str(new_state),
-            )
-        else:
-            raise ValueError(f"unknown transition kind {t.kind!r}")
-        return None if row is None else _alarm(row)
+        )
+        rows = await conn.fetch(
+            "INSERT INTO alarms (shipment_id, dewar_id, rule, episode_key, severity, state,"
+            " started_at, value, limit_value, message, next_notify_at)"
+            " SELECT s, d, r, e, v, 'open', st, x, l, m, n FROM unnest($1::text[], $2::text[],"
+            " $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::float8[], $8::float8[],"
+            " $9::text[], $10::timestamptz[]) AS i (s, d, r, e, v, st, x, l, m, n)"
+            " RETURNING *",
+            *map(list, columns),
+        )
+        return {(r["shipment_id"], r["episode_key"]): _alarm(r) for r in rows}
 
     async def _record_change(
         self,
@@ -1624,40 +1682,77 @@ class Store(ShipmentStore):
         actor: str | None,
         comment: str | None,
     ) -> int:
-        change_id: int = await conn.fetchval(
-            "INSERT INTO alarm_changes (alarm_id, state, severity, actor, comment,"
-            " escalation_level) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-            alarm.id,
-            str(alarm.state),
-            str(alarm.severity),
-            actor,
-            comment,
-            alarm.escalation_level,
+        (change_id,) = await self._record_changes(
+            conn, [(alarm, shipment, actor, comment)], recipients
         )
-        body = alert_body(alarm, change_id=change_id, actor=actor, comment=comment)
+        return change_id
+
+    async def _record_changes(
+        self,
+        conn: Connection,
+        changes: Sequence[tuple[Alarm, Shipment, str | None, str | None]],
+        recipients: list[Recipient],
+    ) -> list[int]:
+        """Record alarm changes (the alarm as it is after each, who made it and why), in order,
+        each with its outbox rows: the alert topic and every recipient who wants it. A few
+        statements, however many changes. Returns their ids."""
+        if not changes:
+            return []
+        change_ids: list[int] = sorted(
+            await conn.fetchval(
+                "SELECT array_agg(nextval(pg_get_serial_sequence('alarm_changes', 'id')))"
+                " FROM generate_series(1, $1)",
+                len(changes),
+            )
+        )
+        await conn.executemany(
+            "INSERT INTO alarm_changes (id, alarm_id, state, severity, actor, comment,"
+            " escalation_level) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            [
+                (
+                    change_id,
+                    a.id,
+                    str(a.state),
+                    str(a.severity),
+                    actor,
+                    comment,
+                    a.escalation_level,
+                )
+                for (a, _, actor, comment), change_id in zip(changes, change_ids, strict=True)
+            ],
+        )
         now = datetime.now(UTC)
         # A recipient in quiet hours hears an alarm once when they end, in its latest state:
-        # this change takes the place of the alarm's deliveries still held (earlier reminders,
-        # or what came before someone acknowledged or closed it).
+        # a change takes the place of the alarm's deliveries still held (earlier reminders, or
+        # what came before someone acknowledged or closed it), those of earlier changes here too.
         await conn.execute(
-            "UPDATE notifications SET status = 'superseded' WHERE alarm_id = $1"
+            "UPDATE notifications SET status = 'superseded' WHERE alarm_id = ANY($1::bigint[])"
             " AND status = 'pending' AND held_until > $2",
-            alarm.id,
+            list({a.id for a, *_ in changes}),
             now,
         )
-        rows: list[tuple[Any, ...]] = [(change_id, alarm.id, "mqtt", None, body, now, None)]
-        sites = (shipment.origin, shipment.destination)
-        for r in recipients:
-            if r.wants(alarm.severity, shipment.id, sites, alarm.escalation_level):
-                held = r.quiet_until_instant(alarm.severity, now)
-                rows.append((change_id, alarm.id, str(r.channel), r.id, body, held or now, held))
+        latest = {a.id: i for i, (a, *_) in enumerate(changes)}
+        rows: list[tuple[Any, ...]] = []
+        for i, ((alarm, shipment, actor, comment), change_id) in enumerate(
+            zip(changes, change_ids, strict=True)
+        ):
+            body = alert_body(alarm, change_id=change_id, actor=actor, comment=comment)
+            rows.append((change_id, alarm.id, "mqtt", None, body, now, None, "pending"))
+            sites = (shipment.origin, shipment.destination)
+            for r in recipients:
+                if r.wants(alarm.severity, shipment.id, sites, alarm.escalation_level):
+                    held = r.quiet_until_instant(alarm.severity, now)
+                    status = "pending" if held is None or latest[alarm.id] == i else "superseded"
+                    rows.append(
+                        (change_id, alarm.id, str(r.channel), r.id, body, held or now, held, status)
+                    )
         await conn.executemany(
             "INSERT INTO notifications (change_id, alarm_id, channel, recipient_id, body,"
-            " next_attempt_at, held_until) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            " next_attempt_at, held_until, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
             " ON CONFLICT DO NOTHING",
             rows,
         )
-        return change_id
+        return change_ids
 
     async def _recipients(self, conn: Connection) -> list[Recipient]:
         return [
@@ -1741,47 +1836,60 @@ class Store(ShipmentStore):
             if not rows:
                 return out
             recipients = await self._recipients(conn)
-            for row in rows:
-                alarm = _alarm(row)
-                remind = REMIND_AFTER[alarm.severity]
-                updated = await conn.fetchrow(
-                    "UPDATE alarms SET escalation_level = escalation_level + 1,"
-                    " next_notify_at = $2, updated_at = now() WHERE id = $1 RETURNING *",
-                    alarm.id,
-                    None if remind is None else now + remind * self.remind_scale,
+            due = [_alarm(row) for row in rows]
+            updated = await conn.fetch(
+                "UPDATE alarms a SET escalation_level = a.escalation_level + 1,"
+                " next_notify_at = d.next_notify_at, updated_at = now()"
+                " FROM unnest($1::bigint[], $2::timestamptz[]) AS d (id, next_notify_at)"
+                " WHERE a.id = d.id RETURNING a.*",
+                [a.id for a in due],
+                [
+                    None if remind is None else now + remind * self.remind_scale
+                    for a in due
+                    for remind in (REMIND_AFTER[a.severity],)
+                ],
+            )
+            by_id = {r["id"]: _alarm(r) for r in updated}
+            out = [by_id[a.id] for a in due if a.id in by_id]  # most overdue first
+            shipments = {
+                r["id"]: _shipment(r)
+                for r in await conn.fetch(
+                    "SELECT * FROM shipments WHERE id = ANY($1::text[])",
+                    list({a.shipment_id for a in out}),
                 )
-                if updated is None:
-                    continue
-                escalated = _alarm(updated)
-                shipment = _shipment(
-                    _row(
-                        await conn.fetchrow(
-                            "SELECT * FROM shipments WHERE id = $1", escalated.shipment_id
-                        )
+            }
+            comments = [
+                f"not acknowledged: reminder {a.escalation_level}, escalated to "
+                f"tier {a.escalation_level}"
+                for a in out
+            ]
+            change_ids = await self._record_changes(
+                conn,
+                [
+                    (a, shipments[a.shipment_id], None, comment)
+                    for a, comment in zip(out, comments, strict=True)
+                ],
+                recipients,
+            )
+            await _audit_many(
+                conn,
+                [
+                    (
+                        SERVICE_ACTOR,
+                        "alarm.escalated",
+                        "alarm",
+                        str(a.id),
+                        {
+                            "change_id": change_id,
+                            "rule": a.rule,
+                            "shipment_id": a.shipment_id,
+                            "escalation_level": a.escalation_level,
+                            "comment": comment,
+                        },
                     )
-                )
-                comment = (
-                    f"not acknowledged: reminder {escalated.escalation_level}, escalated to "
-                    f"tier {escalated.escalation_level}"
-                )
-                change_id = await self._record_change(
-                    conn, escalated, shipment, recipients, None, comment
-                )
-                await _audit(
-                    conn,
-                    SERVICE_ACTOR,
-                    "alarm.escalated",
-                    "alarm",
-                    str(escalated.id),
-                    {
-                        "change_id": change_id,
-                        "rule": escalated.rule,
-                        "shipment_id": escalated.shipment_id,
-                        "escalation_level": escalated.escalation_level,
-                        "comment": comment,
-                    },
-                )
-                out.append(escalated)
+                    for a, comment, change_id in zip(out, comments, change_ids, strict=True)
+                ],
+            )
         return out
 
     async def alarms(

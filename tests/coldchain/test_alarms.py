@@ -12,13 +12,14 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.message import Message
 from typing import Any
 
 import aiohttp
+import asyncpg
 import paho.mqtt.client as paho
 import pytest
 from aiohttp import web
@@ -936,3 +937,112 @@ async def test_a_critical_alarm_is_sent_before_a_flood_of_lesser_ones(
     assert len(claimed) == 5
     assert claimed[0].body["rule"] == "temp_glass_transition"
     assert [n.body["severity"] for n in claimed[1:]] == ["major"] * 4
+
+
+async def test_a_batch_of_transitions_does_what_one_at_a_time_does(
+    outbox: tuple[Store, Shipment], database_url: str
+) -> None:
+    """The alarm writer applies a committed batch's transitions together, set-based: the alarms,
+    their changes, the outbox (quiet hours included) and the audit log come out as they do with
+    one transaction per transition."""
+    store, batched = outbox
+    now = datetime.now(UTC)
+    one_by_one = await store.create_shipment(
+        replace(batched, id="SH-ONE-BY-ONE", dewar_id="DW-ONE-BY-ONE"), Actor(0, "test", Role.ADMIN)
+    )
+    for name, quiet in (("awake", None), ("asleep", (now - timedelta(hours=1)).time())):
+        await store.add_recipient(
+            Recipient(
+                id=0,
+                name=name,
+                channel=Channel.WEBHOOK,
+                address=f"http://127.0.0.1:9/{name}",
+                secret=SECRET,
+                min_severity=Severity.INFO,
+                site_id=None,
+                shipment_id=None,
+                tier=0,
+                quiet_from=quiet,
+                quiet_until=None if quiet is None else (now + timedelta(hours=1)).time(),
+                tz="UTC",
+                active=True,
+            ),
+            "test",
+        )
+
+    def t(
+        key: str, kind: str, minute: int, value: float, severity: Severity = Severity.MAJOR
+    ) -> Transition:
+        at = now + timedelta(minutes=minute)
+        return Transition(
+            key, key.split(":")[0], severity, kind, now, at, value, -150, f"{kind} {value}"
+        )
+
+    trace = [
+        t("temp:1", "raised", 0, -140),
+        t("ghost:1", "cleared", 0, 1),  # an episode nobody raised: ignored
+        t("temp:1", "raised", 1, -138),  # known: the latest value, quietly
+        t("shock:1", "raised", 1, 25, Severity.WARNING),
+        t("temp:1", "cleared", 2, -160),
+        t("temp:1", "cleared", 2, -160),  # a repeat changes nothing
+        t("temp:1", "reopened", 3, -139),
+        t("shock:1", "retracted", 3, 25, Severity.WARNING),
+        t("shock:1", "raised", 4, 30, Severity.WARNING),  # void, raised again
+        t("glass:1", "raised", 4, -130, Severity.CRITICAL),
+        t("glass:1", "cleared", 5, -170, Severity.CRITICAL),
+        t("temp:1", "cleared", 5, -165),
+    ]
+    together = await store.apply_transitions(batched, trace)
+    alone = []
+    for transition in trace:
+        alone += await store.apply_transitions(one_by_one, [transition])
+    assert len(together) == len(alone) == 9
+
+    def alarm_view(a: Any) -> tuple[Any, ...]:
+        return (a.episode_key, a.state, a.condition_active, a.value, a.message, a.cleared_at)
+
+    assert [alarm_view(a) for a in together] == [alarm_view(a) for a in alone]
+    conn = await asyncpg.connect(database_url)
+    try:
+        views = []
+        for shipment in (batched, one_by_one):
+            alarms = await conn.fetch(
+                "SELECT episode_key, state, condition_active, value, message, cleared_at,"
+                " next_notify_at IS NULL AS quiet FROM alarms WHERE shipment_id = $1"
+                " ORDER BY episode_key",
+                shipment.id,
+            )
+            changes = await conn.fetch(
+                "SELECT a.episode_key, c.state FROM alarm_changes c JOIN alarms a"
+                " ON a.id = c.alarm_id WHERE a.shipment_id = $1 ORDER BY c.id",
+                shipment.id,
+            )
+            outbox_rows = await conn.fetch(
+                "SELECT a.episode_key, n.channel, r.name, n.status, n.body->>'state' AS state"
+                " FROM notifications n JOIN alarms a ON a.id = n.alarm_id"
+                " LEFT JOIN recipients r ON r.id = n.recipient_id WHERE a.shipment_id = $1"
+                " ORDER BY n.change_id, n.channel, r.name",
+                shipment.id,
+            )
+            audit = await conn.fetch(
+                "SELECT l.action, a.episode_key, l.detail->>'state' AS state FROM audit_log l"
+                " JOIN alarms a ON a.id::text = l.entity_id WHERE l.entity = 'alarm'"
+                " AND a.shipment_id = $1 ORDER BY l.id",
+                shipment.id,
+            )
+            views.append(
+                [[tuple(r) for r in rows] for rows in (alarms, changes, outbox_rows, audit)]
+            )
+    finally:
+        await conn.close()
+    assert views[0] == views[1]
+    alarms, changes, outbox_rows, audit = views[0]
+    assert [state for key, state in changes if key == "temp:1"] == [
+        "open", "cleared", "open", "cleared",
+    ]  # fmt: skip
+    assert [row[0] for row in audit].count("alarm.voided") == 1
+    # Quiet hours: of each alarm's held deliveries only the latest is still pending; the
+    # critical one was never held.
+    held = [(key, status) for key, _, name, status, _ in outbox_rows if name == "asleep"]
+    assert [s for k, s in held if k == "temp:1"] == ["superseded"] * 3 + ["pending"]
+    assert [s for k, s in held if k == "glass:1"] == ["pending", "pending"]
