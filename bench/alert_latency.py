@@ -44,6 +44,7 @@ from bench.harness import (
     create_database,
     create_shipments,
     drop_database,
+    metric,
     publish_packet,
     start_service,
 )
@@ -55,6 +56,25 @@ from sensors import Reading, encode_reading, telemetry_topic
 
 ALARM_DEWARS = 50
 LOAD_DEWARS = 1000
+# Where the time goes inside the service, from its /metrics: each stage's mean over a phase.
+STAGES = (
+    ("ingest lag", "coldchain_ingest_lag_seconds"),
+    ("rules batch", "coldchain_rules_batch_seconds"),
+    ("alarm write", "coldchain_alarm_write_seconds"),
+    ("outbox to sent", "coldchain_notification_delay_seconds"),
+)
+
+
+def _stage_totals(base: str) -> list[tuple[float, float]]:
+    return [(metric(base, f"{name}_sum"), metric(base, f"{name}_count")) for _, name in STAGES]
+
+
+def _report_stages(before: list[tuple[float, float]], after: list[tuple[float, float]]) -> None:
+    parts = []
+    for (label, _), (s0, n0), (s1, n1) in zip(STAGES, before, after, strict=True):
+        n = n1 - n0
+        parts.append(f"{label} {(s1 - s0) / n * 1000 if n else 0:.1f} ms (n={n:.0f})")
+    print("         inside the service, means: " + ", ".join(parts))
 
 
 class Arrivals:
@@ -282,6 +302,7 @@ def main() -> None:
     ).start()
     ready.wait(10)
     service: subprocess.Popen[bytes] | None = None
+    base = ""
     listener = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-alerts")
     listener.on_message = lambda c, u, m: topic_arrivals.record(json.loads(m.payload))
     try:
@@ -289,7 +310,7 @@ def main() -> None:
         listener.connect("127.0.0.1", broker.port)
         listener.subscribe("coldchain/v1/alerts/#", qos=1)
         listener.loop_start()
-        service, _ = start_service(
+        service, base = start_service(
             work / "service.log",
             database_url=database_url,
             mqtt_url=broker.url,
@@ -304,8 +325,12 @@ def main() -> None:
             f"{args.alarms} alarms (a knock on one of {ALARM_DEWARS} dewars every 20 ms), "
             f"{LOAD_DEWARS} more dewars in shipments for the load"
         )
+        stages = _stage_totals(base)
         idle = _measure(args.alarms, broker.port, (topic_arrivals, hook_arrivals), 10)
         _report("idle", *idle)
+        after_idle = _stage_totals(base)
+        _report_stages(stages, after_idle)
+        stages = after_idle
         stop = multiprocessing.get_context("fork").Event()
         load = multiprocessing.get_context("fork").Process(
             target=_paced_load, args=(broker.port, args.load, stop)
@@ -316,6 +341,7 @@ def main() -> None:
         stop.set()
         load.join(30)
         _report(f"{args.load / 1000:.0f}k/s", *loaded)
+        _report_stages(stages, _stage_totals(base))
         print(
             f"reproduce: .venv/bin/python -m bench.alert_latency --alarms {args.alarms} "
             f"--load {args.load:.0f}  ({os.cpu_count()} cores)"

@@ -49,6 +49,7 @@ GIVE_UP_AFTER: Final = timedelta(days=1)
 WEBHOOK_TIMEOUT_S: Final = 5.0
 MAX_CONCURRENT: Final = 32
 PER_RECIPIENT: Final = 4  # in flight to one webhook or mailbox; the alert topic is not capped
+_DELAY: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -81,6 +82,11 @@ class Dispatcher:
         )
         self._failed = registry.counter(
             "coldchain_notification_failures_total", "Failed notification delivery attempts"
+        )
+        self._delay = registry.histogram(
+            "coldchain_notification_delay_seconds",
+            "From an alarm change being written to its delivery, when the first attempt succeeds",
+            _DELAY,
         )
 
     def wake(self) -> None:
@@ -156,6 +162,8 @@ class Dispatcher:
             return
         elapsed = (time.perf_counter() - started) * 1000
         self._sent.inc()
+        if n.attempts == 0:
+            self._delay.observe((datetime.now(UTC) - n.created_at).total_seconds())
         try:
             await self._store.delivered(n.id, detail, elapsed)
         except StoreUnavailable:

@@ -158,6 +158,11 @@ class Watch:
         self._alarm_changes = registry.counter(
             "coldchain_alarm_changes_total", "Alarm changes made by the rules and reminders"
         )
+        self._write_seconds = registry.histogram(
+            "coldchain_alarm_write_seconds",
+            "Time to apply the alarm changes that accumulated, in one transaction",
+            _LATENCY,
+        )
 
     def shipments_changed(self) -> None:
         """A shipment was created or changed here: look again before the next evaluation."""
@@ -302,8 +307,10 @@ class Watch:
             self._work.clear()
             while self._pending:
                 work = self._pending[:]
+                started = time.perf_counter()
                 try:
                     changed = await self._store.apply_transitions_of(work)
+                    self._write_seconds.observe(time.perf_counter() - started)
                 except StoreUnavailable as exc:
                     logger.warning("alarm changes waiting for PostgreSQL: %s", exc)
                     await asyncio.sleep(1.0)
