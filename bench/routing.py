@@ -120,6 +120,21 @@ def build_world(seed: int, airports: int = 2700, hubs: int = 120) -> World:
     return World(Network.build([*sites, *extra], lanes, flights), manufacturing, centres)
 
 
+def bench_queries(world: World, seed: int, n: int) -> list[tuple[str, str, datetime]]:
+    """The benchmark's requests: (manufacturing site, treatment centre, departure) in the first
+    two days of the week, drawn from `seed`."""
+    rng = random.Random(seed + 1)
+    start = datetime.combine(START, datetime.min.time(), tzinfo=UTC)
+    return [
+        (
+            rng.choice(world.manufacturing),
+            rng.choice(world.centres),
+            start + timedelta(minutes=5 * rng.randrange(0, 2 * 24 * 12)),
+        )
+        for _ in range(n)
+    ]
+
+
 class TimeExpanded:
     """The baseline: a time-expanded graph searched with networkx.dijkstra_path.
 
@@ -237,16 +252,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     gc.collect()
     gc.freeze()
 
-    rng = random.Random(args.seed + 1)
-    start = datetime.combine(START, datetime.min.time(), tzinfo=UTC)
-    queries = [
-        (
-            rng.choice(world.manufacturing),
-            rng.choice(world.centres),
-            start + timedelta(minutes=5 * rng.randrange(0, 2 * 24 * 12)),
-        )
-        for _ in range(args.queries)
-    ]
+    queries = bench_queries(world, args.seed, args.queries)
     timings: dict[str, list[float]] = {"fastest": [], "safest": [], "k5": [], "baseline": []}
     feasible = {"fastest": 0, "safest": 0, "k5": 0}
     plans_k5 = 0

@@ -1,0 +1,631 @@
+"""The route search and the alternatives loop as they were before they were made faster, kept
+unchanged as the reference that the faster planner must agree with plan for plan.
+
+`routing.search` and `routing.planner` have since learnt to skip work whose outcome is already
+known (a pass that cannot succeed, airport pairs whose flights cannot matter yet), but must
+still return the very same plans, ties included: same legs, same order. This is their code as of
+the commit that introduced this file (the module docstring explaining the search stays in
+routing/search.py). Do not optimise or fix it here: `tests/routing/test_identical.py` compares
+the two.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from heapq import heappop, heappush
+from typing import Any, Final, cast
+
+from routing.itinerary import Leg, LegMode, Plan
+from routing.request import Objective, PlanRequest
+from routing.timetable import NEVER, PairTimetable, RouteIndex, combined_risk
+
+_LABEL: Final = 0
+_CURSOR: Final = 1
+_DELIVERY: Final = 2
+
+#: Without max_handoffs, routes are still bounded: no real route has more legs than this.
+MAX_LEGS: Final = 24
+
+_NO_MARGIN: Final = NEVER  # the margin of a route with no finished stretch yet
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One search, in the index's terms (site numbers, POSIX seconds)."""
+
+    origin: int
+    destination: int
+    depart: int
+    hold: int
+    recharge_hold: int
+    recharge_seconds: int
+    latest: int
+    max_legs: int
+    objective: Objective
+    enforce_hold: bool = True
+    excluded: frozenset[int] = frozenset()
+    need_flight: bool = False
+
+
+class _Label:
+    __slots__ = (
+        "clock",
+        "cost",
+        "floating",
+        "flown",
+        "legs",
+        "mmin",
+        "parent",
+        "risk",
+        "seg",
+        "site",
+        "step",
+        "t",
+    )
+
+    def __init__(
+        self,
+        site: int,
+        t: int,
+        clock: int,
+        seg: int,
+        floating: bool,
+        legs: int,
+        cost: float,
+        risk: float,
+        mmin: int,
+        flown: bool,
+        parent: _Label | None,
+        step: tuple[int, int, int, int] | None,
+    ) -> None:
+        self.site = site
+        self.t = t
+        self.clock = clock
+        self.seg = seg
+        self.floating = floating
+        self.legs = legs
+        self.cost = cost
+        self.risk = risk
+        self.mmin = mmin
+        self.flown = flown
+        self.parent = parent
+        # (kind, lane or flight number, departure, arrival); kind -1 marks a recharge.
+        self.step = step
+
+    def margin(self) -> int:
+        """Hold left now, or the smallest left at the end of any finished stretch."""
+        return min(self.mmin, self.seg - (self.t - self.clock))
+
+    def dominates(self, other: _Label, objective: Objective, hold: bool = True) -> bool:
+        """Whether every route on from `other` is matched by one on from this label, as good
+        by `objective`; `hold` False when the hold is not a constraint (then not compared)."""
+        if not (
+            self.t <= other.t
+            and self.legs <= other.legs
+            and (self.flown or not other.flown)
+            and (objective is not Objective.SAFEST or self.risk <= other.risk)
+            and (objective is not Objective.CHEAPEST or self.cost <= other.cost)
+            and (objective is not Objective.SAFEST or self.mmin >= other.mmin)
+        ):
+            return False
+        if not hold:
+            return True
+        if other.floating:
+            return (
+                self.floating
+                and self.clock - self.t >= other.clock - other.t
+                and self.seg >= other.seg
+            )
+        return self.clock + self.seg >= other.clock + other.seg
+
+
+@dataclass
+class SearchStats:
+    """What searches did, summed: labels settled (taken off the heap and kept) and heap
+    entries pushed. Deterministic for a given network and query, so tests can hold the bounds
+    to account: a looser bound makes the search settle more."""
+
+    settled: int = 0
+    pushed: int = 0
+
+
+_KIND_LANE: Final = 0
+_KIND_FLIGHT: Final = 1
+_KIND_RECHARGE: Final = -1
+
+Priority = tuple[float, ...]
+
+
+def search(index: RouteIndex, q: Query, stats: SearchStats | None = None) -> Plan | None:
+    """The best plan for `q` by its objective, or None when no route meets its constraints.
+
+    `fastest` is one label search. The other objectives first ask for the fastest plan under
+    the same constraints: when there is none, nothing is feasible, which that search proves
+    far sooner than a search ordered by margin or cost; when there is one, it is feasible, so
+    its margin (safest) or cost (cheapest) bounds the optimum and prunes the second search.
+    """
+    if q.excluded and not index.can_reach(q.origin, q.destination, q.excluded):
+        return None
+    if q.objective is Objective.FASTEST:
+        if not q.enforce_hold:
+            return label_search(index, q, stats=stats)
+        # Taking the recharges out of a route keeps its legs and makes it no later, so the
+        # fastest route with the hold ignored is the answer when it keeps within the hold, and
+        # when there is none, nothing is feasible. Only otherwise do recharges matter.
+        relaxed = label_search(index, replace(q, enforce_hold=False), stats=stats)
+        if relaxed is None or relaxed.duration <= timedelta(seconds=q.hold):
+            return relaxed
+        return label_search(index, q, stats=stats)
+    fastest = search(index, replace(q, objective=Objective.FASTEST), stats)
+    if fastest is None:
+        return None
+    return label_search(index, q, plan_key(q.objective, fastest)[0], stats)
+
+
+def label_search(
+    index: RouteIndex,
+    q: Query,
+    incumbent: float | None = None,
+    stats: SearchStats | None = None,
+) -> Plan | None:
+    """The label-setting search. `incumbent` is the first component of the objective key of a
+    plan known to be feasible (for safest, minus its margin; for cheapest, its cost): anything
+    whose bound on that component is worse is dropped, which is exact because the optimum is at
+    least as good as the incumbent."""
+    dest = q.destination
+    bounds = index.time_bounds(dest)
+    hops = index.leg_bounds(dest)
+    if bounds[q.origin] == NEVER or hops[q.origin] > q.max_legs:
+        return None
+    recharge_bounds = index.recharge_bounds
+    deliver = _delivery_bound(index, q)
+
+    def to_dest(u: int) -> int:
+        return bounds[u]
+
+    def to_stop(u: int) -> int:
+        """Bound on the time until the current stretch can end (recharge or delivery)."""
+        return min(to_dest(u), recharge_bounds[u])
+
+    key = _key_function(q.objective)
+    # Heap entries are flat: the objective bound's components, the arrival bound, a counter
+    # (unique, so nothing after it is compared), the kind, the label, and for a cursor its
+    # pair and position. One tuple per entry keeps the garbage collector out of the way.
+    heap: list[tuple[Any, ...]] = []
+    counter = 0
+    limit = incumbent
+
+    def push(
+        priority: Priority,
+        arrival: int,
+        kind: int,
+        label: _Label,
+        pair: PairTimetable | None = None,
+        j: int = 0,
+    ) -> None:
+        """Queue `label` by its objective bound, then by its bound on arrival (not delivery: a
+        site's hours make many bounds equal) so that ties go to the most promising."""
+        nonlocal counter
+        if limit is not None and priority[0] > limit:
+            return
+        counter += 1
+        heappush(heap, (*priority, arrival, counter, kind, label, pair, j))
+
+    def margin_bound(label: _Label, t: int, u: int) -> int:
+        # Waiting while floating is not counted, but travel from here to the next stop is.
+        return min(label.mmin, label.clock + label.seg - t - to_stop(u))
+
+    def push_label(label: _Label) -> None:
+        u = label.site
+        if bounds[u] == NEVER:
+            return
+        if u == dest:
+            priority = key(label.t, label.legs, label.risk, label.cost, label.margin())
+            push(priority, label.t, _DELIVERY, label)
+            return
+        t_bound = label.t + to_dest(u)
+        if label.legs + hops[u] > max_legs or t_bound > latest:
+            return
+        if enforce_hold and label.clock + label.seg - label.t < to_stop(u):
+            return  # the hold runs out before any recharge site or the destination
+        if any(other.dominates(label, q.objective, hold) for other in settled.get(u, ())):
+            return
+        priority = key(
+            deliver(t_bound),
+            label.legs + hops[u],
+            label.risk,
+            label.cost,
+            margin_bound(label, label.t, u),
+        )
+        push(priority, t_bound, _LABEL, label)
+
+    fastest = q.objective is Objective.FASTEST
+    latest, max_legs, enforce_hold = q.latest, q.max_legs, q.enforce_hold
+    # Whether hold and recharges matter at all: not when the hold is not enforced and the
+    # objective is not the margin (then a recharge only costs time).
+    hold = enforce_hold or q.objective is Objective.SAFEST
+    settled: dict[int, list[_Label]] = {}
+
+    def push_cursor(label: _Label, pair: PairTimetable, j: int) -> None:
+        tender = pair.tender[j]
+        if tender > latest:
+            return
+        if enforce_hold and not label.floating and tender - label.clock > label.seg:
+            return
+        b = pair.destination
+        legs = label.legs + 1 + hops[b]
+        if legs > max_legs:  # also when `b` cannot reach the destination at all
+            return
+        ready = pair.min_arrives[j] + pair.landing
+        t_bound = ready + bounds[b]
+        if t_bound > latest:
+            return
+        # A floating label's clock starts when it boards, later for a later flight: it is not
+        # bounded here but checked on arrival.
+        hold_end = label.clock + label.seg
+        if enforce_hold and not label.floating and hold_end - ready < to_stop(b):
+            return  # the hold runs out before any recharge site or the destination
+        if fastest:
+            others = settled.get(b)
+            if (
+                not label.floating
+                and others is not None
+                and _covers(others, ready, label.legs + 1, hold_end if hold else -NEVER)
+            ):
+                return
+            push((deliver(t_bound), legs), t_bound, _CURSOR, label, pair, j)
+            return
+        margin = (
+            margin_bound(label, label.t, label.site)
+            if label.floating
+            else min(label.mmin, label.clock + label.seg - ready - to_stop(b))
+        )
+        priority = key(
+            deliver(t_bound),
+            legs,
+            label.risk + pair.min_risk[j],
+            label.cost + pair.min_cost[j],
+            margin,
+        )
+        push(priority, t_bound, _CURSOR, label, pair, j)
+
+    def customs(a: int, b: int) -> int:
+        return customs_seconds(index, a, b)
+
+    def arrive(
+        prev: _Label,
+        v: int,
+        ready: int,
+        clock: int,
+        floating: bool,
+        cost: float,
+        risk: float,
+        flown: bool,
+        step: tuple[int, int, int, int],
+    ) -> None:
+        hours = index.hours[v]
+        if hours is not None:
+            opened = hours.next_open(ready, index.tz[v])
+            if opened > ready and floating:
+                clock += opened - ready
+                floating = False
+            ready = opened
+        if ready > q.latest or (q.enforce_hold and ready - clock > prev.seg):
+            return
+        legs = prev.legs + 1
+        if v == dest:
+            if q.need_flight and not flown:
+                return
+        elif legs >= q.max_legs:
+            return
+        label = _Label(
+            v, ready, clock, prev.seg, floating, legs, cost, risk, prev.mmin, flown, prev, step
+        )
+        push_label(label)
+        if hold and index.recharge[v] and v != dest:
+            recharged_at = ready + q.recharge_seconds
+            if recharged_at <= q.latest:
+                fresh = _Label(
+                    v,
+                    recharged_at,
+                    recharged_at,
+                    q.recharge_hold,
+                    True,
+                    legs,
+                    cost,
+                    risk,
+                    label.margin(),
+                    flown,
+                    label,
+                    (_KIND_RECHARGE, 0, 0, 0),
+                )
+                push_label(fresh)
+
+    def expand(label: _Label) -> None:
+        u = label.site
+        for lane in index.lanes[u]:
+            v = lane.destination
+            arrival = label.t + lane.seconds
+            arrive(
+                label,
+                v,
+                arrival + customs(u, v),
+                label.clock,
+                label.floating,
+                label.cost + lane.cost,
+                label.risk + lane.risk,
+                label.flown,
+                (_KIND_LANE, lane.lane, label.t, arrival),
+            )
+        if fastest:
+            expand_fastest(label)
+            return
+        for pair in index.pairs[u]:
+            j = bisect_left(pair.tender, label.t)
+            if j < len(pair.tender):
+                push_cursor(label, pair, j)
+
+    def expand_fastest(label: _Label) -> None:
+        """`push_cursor` for every airport pair from the label's site, inlined for `fastest`:
+        the innermost loop of the search."""
+        t, legs_after, fixed = label.t, label.legs + 1, not label.floating
+        hold_end = label.clock + label.seg
+        check_hold = enforce_hold and fixed
+        last_tender = min(latest, hold_end) if check_hold else latest
+        cover_end = hold_end if hold else -NEVER
+        for pair in index.pairs[label.site]:
+            tenders = pair.tender
+            j = bisect_left(tenders, t)
+            if j == len(tenders) or tenders[j] > last_tender:
+                continue
+            b = pair.destination
+            legs = legs_after + hops[b]
+            if legs > max_legs:
+                continue
+            ready = pair.min_arrives[j] + pair.landing
+            to_b = bounds[b]
+            t_bound = ready + to_b
+            if t_bound > latest:
+                continue
+            if check_hold and hold_end - ready < min(to_b, recharge_bounds[b]):
+                continue
+            if fixed:
+                others = settled.get(b)
+                if others is not None and _covers(others, ready, legs_after, cover_end):
+                    continue
+            nonlocal counter
+            counter += 1
+            heappush(heap, (deliver(t_bound), legs, t_bound, counter, _CURSOR, label, pair, j))
+
+    def board(label: _Label, pair: PairTimetable, j: int) -> None:
+        flight = pair.flight[j]
+        excluded = flight in q.excluded
+        if j + 1 < len(pair.tender) and (
+            excluded or not fastest or label.floating or pair.min_arrives[j + 1] < pair.arrives[j]
+        ):
+            # For `fastest`, a later flight of the pair from the same label lands no earlier
+            # with as many legs and the same clock, so it is dominated, unless it overtakes
+            # this one or the label is floating (boarding later then leaves more hold).
+            push_cursor(label, pair, j + 1)
+        if excluded:
+            return
+        u, v = label.site, pair.destination
+        # Boarding fixes the schedule: a floating clock starts at the tender cutoff.
+        clock = label.clock + (pair.tender[j] - label.t) if label.floating else label.clock
+        arrival = pair.arrives[j]
+        arrive(
+            label,
+            v,
+            arrival + index.recovery[v] + customs(u, v),
+            clock,
+            False,
+            label.cost + pair.cost[j],
+            label.risk + pair.risk[j],
+            True,
+            (_KIND_FLIGHT, flight, pair.departs[j], arrival),
+        )
+
+    start = _Label(
+        q.origin, q.depart, q.depart, q.hold, False, 0, 0.0, 0.0, _NO_MARGIN, False, None, None
+    )
+    push_label(start)
+    if hold and index.recharge[q.origin]:
+        at = q.depart + q.recharge_seconds
+        push_label(
+            _Label(
+                q.origin,
+                at,
+                at,
+                q.recharge_hold,
+                True,
+                0,
+                0.0,
+                0.0,
+                start.margin(),
+                False,
+                start,
+                (_KIND_RECHARGE, 0, 0, 0),
+            )
+        )
+
+    found: Plan | None = None
+    while heap:
+        entry = heappop(heap)
+        kind, label = entry[-4], entry[-3]
+        if kind == _CURSOR:
+            board(label, entry[-2], entry[-1])
+            continue
+        if kind == _DELIVERY:
+            found = _plan(index, q, label)
+            break
+        here = settled.setdefault(label.site, [])
+        if any(other.dominates(label, q.objective, hold) for other in here):
+            continue
+        here.append(label)
+        expand(label)
+    if stats is not None:
+        stats.settled += sum(len(labels) for labels in settled.values())
+        stats.pushed += counter
+    return found
+
+
+def _covers(settled: list[_Label], ready: int, legs: int, hold_end: int) -> bool:
+    """For fastest: whether a settled label dominates whatever a flight from a label with a
+    fixed clock can bring to its site (ready at `ready` or later, with `legs` legs, flown, the
+    hold running out at `hold_end`). Its recharged twin, if any, then dominates theirs."""
+    for other in settled:
+        if (
+            other.t <= ready
+            and other.legs <= legs
+            and other.flown
+            and other.clock + other.seg >= hold_end
+        ):
+            return True
+    return False
+
+
+def _delivery_bound(index: RouteIndex, q: Query) -> Callable[[int], int]:
+    """Arriving at the destination at the latest at `t` means delivery no earlier than this
+    (its receiving hours); monotone, so applied to a bound on arrival it bounds delivery."""
+    hours = index.hours[q.destination]
+    if hours is None:
+        return lambda t: t
+    opens, closes = hours.opening_times(q.depart, q.latest, index.tz[q.destination])
+
+    def opened(t: int) -> int:
+        j = bisect_right(closes, t)
+        return t if j == len(opens) else max(t, opens[j])
+
+    return opened
+
+
+def customs_seconds(index: RouteIndex, a: int, b: int) -> int:
+    """Customs dwell on arriving at `b` from `a`: only when the leg crosses a border."""
+    return index.customs[b] if index.country[a] != index.country[b] else 0
+
+
+def _key_function(objective: Objective) -> Callable[[int, int, float, float, int], Priority]:
+    """The lexicographic objective key, smaller is better, from (arrival, legs, risk, cost,
+    margin); applied to bounds it is a bound of the key. Each objective ranks on few criteria
+    so that labels need to be compared on few (see `_Label.dominates`)."""
+    if objective is Objective.FASTEST:
+        return lambda t, legs, risk, cost, margin: (t, legs)
+    if objective is Objective.SAFEST:
+        return lambda t, legs, risk, cost, margin: (-margin, risk, t)
+    return lambda t, legs, risk, cost, margin: (cost, t, legs)
+
+
+def plan_key(objective: Objective, plan: Plan) -> Priority:
+    """The objective key of a finished plan (used to order alternatives and in tests)."""
+    return _key_function(objective)(
+        int(plan.delivered_at.timestamp()),
+        len(plan.legs),
+        plan.risk,
+        plan.cost,
+        int(plan.hold_margin.total_seconds()),
+    )
+
+
+def _instant(seconds: int) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def _plan(index: RouteIndex, q: Query, last: _Label) -> Plan:
+    chain: list[_Label] = []
+    node: _Label | None = last
+    while node is not None:
+        chain.append(node)
+        node = node.parent
+    chain.reverse()
+    network = index.network
+    legs: list[Leg] = []
+    for prev, label in zip(chain, chain[1:], strict=False):
+        kind, number, departs, arrives = cast(tuple[int, int, int, int], label.step)
+        if kind == _KIND_RECHARGE:
+            if legs:  # a recharge at the origin has no leg to mark
+                legs[-1] = replace(legs[-1], recharged=True)
+            continue
+        a, b = index.sites[prev.site], index.sites[label.site]
+        carrier: str | None = None
+        flight_number: str | None = None
+        if kind == _KIND_LANE:
+            lane = network.lanes[number]
+            mode, cost, risk = LegMode(lane.mode.value), lane.cost, lane.risk
+        else:
+            flight = network.flights[number]
+            mode, cost, risk = LegMode.FLIGHT, flight.cost, flight.risk
+            carrier, flight_number = flight.carrier, flight.flight
+        legs.append(
+            Leg(
+                mode=mode,
+                origin=a.id,
+                destination=b.id,
+                departs_at=_instant(departs),
+                arrives_at=_instant(arrives),
+                ready_at=_instant(label.t),
+                origin_tz=a.tz,
+                destination_tz=b.tz,
+                cost=cost,
+                risk=risk,
+                carrier=carrier,
+                flight=flight_number,
+                customs=timedelta(seconds=customs_seconds(index, prev.site, label.site)),
+            )
+        )
+    return Plan(
+        legs=tuple(legs),
+        depart_at=_instant(q.depart),
+        delivered_at=_instant(last.t),
+        hold_margin=timedelta(seconds=last.margin()),
+        cost=last.cost,
+        risk=combined_risk(last.risk),
+    )
+
+
+def reference_query(index: RouteIndex, request: PlanRequest) -> Query:
+    """`routing.planner.query_for`, in this module's `Query`."""
+    depart = int(request.depart_at.timestamp())
+    latest = depart + int(request.horizon_hours * 3600)
+    if request.deliver_by is not None:
+        latest = min(latest, int(request.deliver_by.timestamp()))
+    recharge_hold = request.recharge_hold_hours
+    return Query(
+        origin=index.number[request.origin],
+        destination=index.number[request.destination],
+        depart=depart,
+        hold=round(request.hold_hours * 3600),
+        recharge_hold=round(
+            (request.hold_hours if recharge_hold is None else recharge_hold) * 3600
+        ),
+        recharge_seconds=request.recharge_minutes * 60,
+        latest=latest,
+        max_legs=MAX_LEGS if request.max_handoffs is None else request.max_handoffs + 1,
+        objective=request.objective,
+        excluded=frozenset(
+            index.flight_number[key]
+            for key in request.exclude_flights
+            if key in index.flight_number
+        ),
+    )
+
+
+def reference_plans(index: RouteIndex, request: PlanRequest) -> tuple[Plan, ...]:
+    """The plans `routing.planner.plan` answered `request` with: up to k sequential searches,
+    each without the flight services of the plans before it, at most one ground-only."""
+    query = reference_query(index, request)
+    plans = []
+    excluded = set(query.excluded)
+    need_flight = False
+    for _ in range(request.alternatives):
+        found = search(index, replace(query, excluded=frozenset(excluded), need_flight=need_flight))
+        if found is None:
+            break
+        plans.append(found)
+        for leg in found.legs:
+            if leg.carrier is not None and leg.flight is not None:
+                excluded.update(index.service[leg.carrier, leg.flight])
+        need_flight = need_flight or not found.flights
+    return tuple(plans)
