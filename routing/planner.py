@@ -20,12 +20,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from routing.diagnosis import diagnose
 from routing.itinerary import PlanResult
 from routing.network import FlightKey
-from routing.request import PlanRequest, PlanRequestError
+from routing.request import Objective, PlanRequest, PlanRequestError
 from routing.search import MAX_LEGS, Query, search
 from routing.timetable import RouteIndex
 
@@ -72,9 +72,17 @@ def plan(index: RouteIndex, request: PlanRequest) -> PlanResult:
     query = query_for(index, request)
     plans = []
     excluded = set(query.excluded)
-    need_flight = False
+    need_flight = hold_binds = False
     for _ in range(request.alternatives):
-        found = search(index, replace(query, excluded=frozenset(excluded), need_flight=need_flight))
+        found = search(
+            index,
+            replace(
+                query,
+                excluded=frozenset(excluded),
+                need_flight=need_flight,
+                hold_binds=hold_binds,
+            ),
+        )
         if found is None:
             break
         plans.append(found)
@@ -82,6 +90,13 @@ def plan(index: RouteIndex, request: PlanRequest) -> PlanResult:
             if leg.carrier is not None and leg.flight is not None:
                 excluded.update(index.service[leg.carrier, leg.flight])
         need_flight = need_flight or not found.flights
+        # The fastest plan takes longer than the hold only when the fastest route with the hold
+        # ignored does (that one is never later, and is the answer when it keeps within the
+        # hold). Each later search is over a subset of these routes, so its fastest route with
+        # the hold ignored is no earlier: it breaks the hold too, and is not worth searching for.
+        hold_binds = hold_binds or (
+            query.objective is Objective.FASTEST and found.duration > timedelta(seconds=query.hold)
+        )
     log.debug("planned %s -> %s: %d plan(s)", request.origin, request.destination, len(plans))
     if plans:
         return PlanResult(request=request, plans=tuple(plans))

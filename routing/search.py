@@ -34,7 +34,9 @@ hours is monotone). So:
 - `fastest` first searches with the hold ignored, which needs no recharges and compares labels
   on fewer criteria. If that route keeps within the hold, it is the answer; if there is no route
   at all, nothing is feasible. Only when the hold rules the quickest routes out does the full
-  search with recharges run.
+  search with recharges run. Alternatives after a plan that took longer than the hold go
+  straight to it (`Query.hold_binds`): their routes are a subset, so the first search would
+  only fail again.
 - `safest` and `cheapest` first ask for the fastest plan under the same constraints. None means
   infeasible, proved far sooner than by a search ordered by margin or cost. Otherwise that plan
   is feasible, so its margin (or cost) is an incumbent the optimum can only improve on.
@@ -87,6 +89,10 @@ class Query:
     enforce_hold: bool = True
     excluded: frozenset[int] = frozenset()
     need_flight: bool = False
+    #: Known to the caller: even the fastest route with the hold ignored breaks the hold (an
+    #: earlier search over a superset of these routes found so), so only routes with a recharge
+    #: can be feasible and `search` goes straight to the search with recharges.
+    hold_binds: bool = False
 
 
 class _Label:
@@ -189,7 +195,7 @@ def search(index: RouteIndex, q: Query, stats: SearchStats | None = None) -> Pla
     if q.excluded and not index.can_reach(q.origin, q.destination, q.excluded):
         return None
     if q.objective is Objective.FASTEST:
-        if not q.enforce_hold:
+        if not q.enforce_hold or q.hold_binds:
             return label_search(index, q, stats=stats)
         # Taking the recharges out of a route keeps its legs and makes it no later, so the
         # fastest route with the hold ignored is the answer when it keeps within the hold, and
