@@ -370,15 +370,15 @@ class Watch:
                     and (shipment.ends_at is None or i.reading.ts < shipment.ends_at)
                 ]
                 tracked = self._tracked.get(shipment.id)
-                if mine and tracked is not None:
-                    mine = _unseen(tracked, mine)
-                if mine and tracked is not None:
-                    tracked.last_received = max(
-                        tracked.last_received, max(i.received_at for i in mine)
-                    )
+                if not mine or tracked is None:
+                    continue
+                # Received, so not silent, even when the catch-up fed them already.
+                tracked.last_received = max(tracked.last_received, max(i.received_at for i in mine))
+                mine = _unseen(tracked, mine)
+                if mine:
                     await self._evaluate(tracked, mine)
-                    if tracked.signal_lost_since is not None:
-                        self._silence_one(tracked, datetime.now(UTC))
+                if tracked.signal_lost_since is not None:
+                    self._silence_one(tracked, datetime.now(UTC))
         if len(self._pending) > MAX_PENDING:
             # PostgreSQL is slow or away: let the ingest feel it rather than hold more here.
             await self._applied_through(self._enqueued - MAX_PENDING // 2)
@@ -408,6 +408,7 @@ class Watch:
             )
         newest = max(i.received_at for i in items)
         tracked.fed_through = max(tracked.fed_through or newest, newest)
+        tracked.last_received = max(tracked.last_received, newest)
         tracked.dirty = True
         if transitions:
             self._enqueue(shipment, [_transition(t) for t in transitions])

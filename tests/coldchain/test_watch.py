@@ -209,3 +209,54 @@ async def test_alarm_changes_wait_out_an_outage_and_no_state_is_saved_ahead_of_t
 
 async def _attempts(store: _Outage) -> int:
     return store.attempts
+
+
+@pytest.mark.postgres
+async def test_readings_the_catch_up_fed_count_as_received_for_signal_lost(
+    database_url: str, unique: str
+) -> None:
+    """A dewar that reported while the service was down (or before the watch learned of its
+    shipment) is not silent: the catch-up feeds its readings, and they count as received, also
+    when the batch that carried them reaches the watch afterwards and is not fed again."""
+    store = await Store.open(database_url)
+    try:
+        await store.migrate()
+        await store.import_sites(list(example_network().sites.values()), "test")
+        dewar = f"DW-CATCH-{unique}"
+        now = datetime.now(UTC)
+        packed = now - timedelta(hours=2)  # far longer ago than the 15 min of signal lost
+        shipment = Shipment(
+            f"SH-CATCH-{unique}", dewar, "cryo-vapor", "MFG-MPN", "TC-NKI", None, None, None,
+            Status.IN_TRANSIT, packed, "test", packed, None,
+        )  # fmt: skip
+        await store.create_shipment(shipment, Actor(1, "planner", Role.PLANNER))
+        received = [
+            IncomingReading(
+                dewar, Reading(seq=i, ts=packed + timedelta(minutes=i), temp_c=-190.0), now
+            )
+            for i in range(5)
+        ]
+        await store.write_batch(received, [])
+        watch = Watch(store, Registry(), on_change=lambda alarms: None, beat_s=3600)
+        running = asyncio.create_task(watch.run())
+        try:
+            await asyncio.wait_for(watch.ready.wait(), 30)
+            await watch.committed(received)  # the batch, queued while the watch caught up
+            await eventually(lambda: _queued(watch), lambda n: n == 0)
+            tracked = watch._tracked[shipment.id]
+            assert tracked.last_received == now
+            await watch._check_silence(datetime.now(UTC))
+            assert [t.rule for _, ts in watch._pending for t in ts] == []
+            # Silence after the readings still counts from their arrival.
+            await watch._check_silence(now + timedelta(minutes=16))
+            assert [t.rule for _, ts in watch._pending for t in ts] == ["signal_lost"]
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+    finally:
+        await store.close()
+
+
+async def _queued(watch: Watch) -> int:
+    return watch._queue.qsize()
