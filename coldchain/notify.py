@@ -2,12 +2,17 @@
 
 Every change of an alarm is written, in the transaction of the change, as one outbox row per
 destination (`notifications`). The dispatcher wakes as soon as a change is written (or once a
-second, for changes written by another instance), claims the rows that are due, and delivers
-each as a task of its own: up to `MAX_CONCURRENT` in flight, at most `PER_RECIPIENT` of them to
-any one webhook or mailbox, so a receiver that hangs until its timeout holds up only its own
-deliveries; the loop goes on claiming newly due rows while slow ones run. A delivery that fails
-is retried with exponential backoff up to `RETRY_CAP`, indefinitely for critical alarms and for a
-day otherwise; every attempt, good or bad, is logged in `delivery_attempts`. A receiver that was
+second, for retries and for changes written by another instance) and claims the rows that are
+due, most urgent first, into a local queue: up to `QUEUE_MAX` of them, at most
+`QUEUED_PER_RECIPIENT` waiting for any one webhook or mailbox, so that one claim feeds many
+deliveries. Each delivery is a task of its own: up to `MAX_CONCURRENT` in flight, at most
+`PER_RECIPIENT` of them to any one webhook or mailbox, so a receiver that hangs until its
+timeout holds up only its own deliveries. Deliveries that went through are recorded together, a
+statement per turn of the recorder rather than a pool connection per delivery; until recorded
+they stay claimed here. A claim lasts a minute: a row claimed by an instance that dies is sent
+by another (or after the restart), at least once, never lost. A delivery that fails is retried
+with exponential backoff up to `RETRY_CAP`, indefinitely for critical alarms and for a day
+otherwise; every attempt, good or bad, is logged in `delivery_attempts`. A receiver that was
 down gets everything once it is back.
 
 Webhooks get the alert object as JSON with `X-Coldchain-Signature: sha256=<hex HMAC-SHA256 of
@@ -38,7 +43,7 @@ from coldchain.alarms import Channel
 from coldchain.broker import BrokerLink
 from coldchain.errors import StoreUnavailable
 from coldchain.metrics import Registry
-from coldchain.store import Notification, Store
+from coldchain.store import Notification, Store, urgency
 from sensors import alert_topic
 
 logger = logging.getLogger(__name__)
@@ -49,6 +54,9 @@ GIVE_UP_AFTER: Final = timedelta(days=1)
 WEBHOOK_TIMEOUT_S: Final = 5.0
 MAX_CONCURRENT: Final = 32
 PER_RECIPIENT: Final = 4  # in flight to one webhook or mailbox; the alert topic is not capped
+QUEUE_MAX: Final = 256  # claimed rows waiting here for a free slot
+QUEUED_PER_RECIPIENT: Final = 16  # of those, for one webhook or mailbox
+FLUSH_TIMEOUT_S: Final = 5.0
 _DELAY: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -73,11 +81,17 @@ class Dispatcher:
         self._store = store
         self._broker = broker
         self._smtp_url = smtp_url
-        self._wake = asyncio.Event()
+        self._event = asyncio.Event()  # something to do: new rows, a free slot, a tick
+        self._claim_wanted = True  # the outbox may hold rows due that are not claimed here
+        self._more = False  # the last claim filled all the room it had
         self._session: aiohttp.ClientSession | None = None
+        self._queue: list[Notification] = []  # claimed here, waiting for a free slot
         self._in_flight: dict[int, asyncio.Task[None]] = {}  # notification id -> its delivery
         self._busy: Counter[int] = Counter()  # recipient id -> its deliveries in flight
-        self._sent = registry.counter(
+        self._sent: list[tuple[int, str | None, float, datetime]] = []  # not yet recorded
+        self._unrecorded: set[int] = set()  # ids of `_sent`: still claimed, not to claim again
+        self._sent_event = asyncio.Event()
+        self._sent_total = registry.counter(
             "coldchain_notifications_sent_total", "Alarm notifications delivered"
         )
         self._failed = registry.counter(
@@ -90,39 +104,74 @@ class Dispatcher:
         )
 
     def wake(self) -> None:
-        self._wake.set()
+        """Alarm changes were written: claim their outbox rows now."""
+        self._claim_wanted = True
+        self._event.set()
 
     async def run(self) -> None:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT_S)
         )
+        recorder = asyncio.create_task(self._record_sent(), name="delivery recorder")
         try:
             while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
-                self._wake.clear()
-                free = MAX_CONCURRENT - len(self._in_flight)
-                if free <= 0:
-                    continue  # a delivery that ends wakes the loop
                 try:
-                    due = await self._store.due_notifications(
-                        datetime.now(UTC),
-                        free,
-                        in_flight=list(self._in_flight),
-                        busy=dict(self._busy),
-                        per_recipient=PER_RECIPIENT,
-                    )
-                except StoreUnavailable as exc:
-                    logger.warning("cannot read the notification outbox: %s", exc)
-                    await asyncio.sleep(1.0)
-                    continue
-                for n in due:
-                    self._start(n)
-                if len(due) == free:
-                    self._wake.set()  # there may be more due
+                    async with asyncio.timeout(1.0):
+                        await self._event.wait()
+                except TimeoutError:
+                    self._claim_wanted = True  # retries come due; other instances write rows
+                self._event.clear()
+                self._start_queued()
+                if self._claim_wanted:
+                    self._claim_wanted = False
+                    await self._claim()
+                    self._start_queued()
         finally:
+            recorder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recorder
             await self._stop_deliveries()
+            await self._record_the_rest()
             await self._session.close()
+
+    async def _claim(self) -> None:
+        """Claim due rows into the local queue: more than there are slots, so that one claim
+        feeds many deliveries, but no more than `QUEUED_PER_RECIPIENT` waiting for any one
+        webhook or mailbox, so a receiver that hangs cannot keep rows claimed for long."""
+        room = QUEUE_MAX - len(self._queue)
+        if room <= 0:
+            return
+        held = Counter(self._busy)
+        held.update(n.recipient.id for n in self._queue if n.recipient is not None)
+        claimed_here = [*self._in_flight, *(n.id for n in self._queue), *self._unrecorded]
+        try:
+            due = await self._store.due_notifications(
+                datetime.now(UTC),
+                room,
+                in_flight=claimed_here,
+                busy=dict(held),
+                per_recipient=PER_RECIPIENT + QUEUED_PER_RECIPIENT,
+            )
+        except StoreUnavailable as exc:
+            logger.warning("cannot read the notification outbox: %s", exc)
+            await asyncio.sleep(1.0)
+            return
+        self._more = len(due) == room
+        if due:
+            self._queue += due
+            self._queue.sort(key=lambda n: (urgency(n.body), n.id))
+
+    def _start_queued(self) -> None:
+        """Start queued deliveries, most urgent first, as far as the slots allow."""
+        waiting: list[Notification] = []
+        for n in self._queue:
+            if len(self._in_flight) >= MAX_CONCURRENT or (
+                n.recipient is not None and self._busy[n.recipient.id] >= PER_RECIPIENT
+            ):
+                waiting.append(n)
+            else:
+                self._start(n)
+        self._queue = waiting
 
     def _start(self, n: Notification) -> None:
         task = asyncio.create_task(self._deliver(n), name=f"notification-{n.id}")
@@ -140,7 +189,12 @@ class Dispatcher:
         if not task.cancelled() and (exc := task.exception()) is not None:
             # Not recorded either way: its claim runs out and it is tried again.
             logger.error("delivering notification %d crashed", n.id, exc_info=exc)
-        self._wake.set()  # a slot is free, and a recipient may no longer be busy
+        # A slot is free. Claim again if the outbox may hold more than is queued here: the last
+        # claim was full, or this recipient's queue runs low.
+        queued = sum(1 for q in self._queue if q.recipient == n.recipient)
+        if self._more or queued <= QUEUED_PER_RECIPIENT // 2:
+            self._claim_wanted = True
+        self._event.set()
 
     async def _stop_deliveries(self) -> None:
         """Cancel what is still in flight and wait for it. A cancelled delivery is not recorded
@@ -149,6 +203,39 @@ class Dispatcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _record_sent(self) -> None:
+        """Record deliveries that went through, all that accumulated in one statement: a
+        round trip (and a pool connection) per dispatcher turn, not one per delivery."""
+        while True:
+            await self._sent_event.wait()
+            self._sent_event.clear()
+            while self._sent:
+                batch = self._sent[:]
+                try:
+                    await self._store.delivered(batch)
+                except StoreUnavailable as exc:
+                    # Still claimed here, so not sent twice by this instance; once the claims
+                    # run out they may be sent again, which receivers recognise.
+                    logger.warning("%d deliveries not recorded yet: %s", len(batch), exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                del self._sent[: len(batch)]
+                self._unrecorded.difference_update(sent[0] for sent in batch)
+
+    async def _record_the_rest(self) -> None:
+        if not self._sent:
+            return
+        try:
+            async with asyncio.timeout(FLUSH_TIMEOUT_S):
+                await self._store.delivered(self._sent)
+        except (StoreUnavailable, TimeoutError):
+            # Sent but not recorded: they will be sent again once the database is back; the
+            # receiver recognises the repeat by X-Coldchain-Delivery.
+            logger.warning("%d notifications sent but not recorded as sent", len(self._sent))
+            return
+        self._sent.clear()
+        self._unrecorded.clear()
 
     async def _deliver(self, n: Notification) -> None:
         started = time.perf_counter()
@@ -161,15 +248,13 @@ class Dispatcher:
             await self._failure(n, f"{type(exc).__name__}: {exc}", started, final=False)
             return
         elapsed = (time.perf_counter() - started) * 1000
-        self._sent.inc()
+        now = datetime.now(UTC)
+        self._sent_total.inc()
         if n.attempts == 0:
-            self._delay.observe((datetime.now(UTC) - n.created_at).total_seconds())
-        try:
-            await self._store.delivered(n.id, detail, elapsed)
-        except StoreUnavailable:
-            # Sent but not recorded: it will be sent again once the database is back; the
-            # receiver recognises the repeat by X-Coldchain-Delivery.
-            logger.warning("notification %d sent but not recorded as sent", n.id)
+            self._delay.observe((now - n.created_at).total_seconds())
+        self._sent.append((n.id, detail, elapsed, now))
+        self._unrecorded.add(n.id)
+        self._sent_event.set()
 
     async def _failure(self, n: Notification, error: str, started: float, *, final: bool) -> None:
         elapsed = (time.perf_counter() - started) * 1000

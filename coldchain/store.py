@@ -1465,7 +1465,7 @@ def _after(alarm: Alarm, t: Transition) -> tuple[Alarm, bool]:
     raise ValueError(f"unknown transition kind {t.kind!r}")
 
 
-def _urgency(body: dict[str, Any]) -> int:
+def urgency(body: dict[str, Any]) -> int:
     """Critical first, then major, warning, info: the order notifications are sent in."""
     try:
         return 3 - Severity(str(body.get("severity"))).rank
@@ -2072,20 +2072,28 @@ class Store(ShipmentStore):
                 )
                 for r in rows
             ),
-            key=lambda n: (_urgency(n.body), n.id),
+            key=lambda n: (urgency(n.body), n.id),
         )
 
-    async def delivered(self, notification_id: int, detail: str | None, duration_ms: float) -> None:
-        # One statement (atomic on its own): a round trip per delivery, not four.
+    async def delivered(self, sent: Sequence[tuple[int, str | None, float, datetime]]) -> None:
+        """Record deliveries that went through: (notification id, detail, duration in ms, when
+        sent). One statement, atomic on its own, for a dispatcher's worth of them."""
+        if not sent:
+            return
+        ids, details, durations, times = (list(c) for c in zip(*sent, strict=True))
         async with self._connection() as conn:
             await conn.execute(
-                "WITH sent AS (UPDATE notifications SET status = 'sent', sent_at = now(),"
-                " attempts = attempts + 1, last_error = NULL WHERE id = $1 RETURNING id)"
-                " INSERT INTO delivery_attempts (notification_id, ok, detail, duration_ms)"
-                " SELECT id, true, $2, $3 FROM sent",
-                notification_id,
-                detail,
-                duration_ms,
+                "WITH d AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::float8[],"
+                " $4::timestamptz[]) AS d (id, detail, duration_ms, at)),"
+                " sent AS (UPDATE notifications n SET status = 'sent', sent_at = d.at,"
+                " attempts = n.attempts + 1, last_error = NULL FROM d WHERE n.id = d.id"
+                " RETURNING n.id)"
+                " INSERT INTO delivery_attempts (notification_id, at, ok, detail, duration_ms)"
+                " SELECT d.id, d.at, true, d.detail, d.duration_ms FROM d JOIN sent USING (id)",
+                ids,
+                details,
+                durations,
+                times,
             )
 
     async def delivery_failed(
