@@ -104,6 +104,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         flush_interval_s=settings.flush_interval_s,
         backoff_cap_s=settings.backoff_cap_s,
         max_outstanding=settings.mqtt_receive_maximum,
+        writers=settings.ingest_writers,
     )
     topics = [TELEMETRY_FILTER, STATUS_FILTER]
     if settings.mqtt_shared_group:

@@ -1,11 +1,13 @@
 """The telemetry ingest: MQTT messages in, committed rows out, acknowledgements after commit.
 
 Each message is parsed at once (`sensors.parse_message`) into good readings and dead letters and
-parked with its MQTT packet id. One writer task takes parked messages in arrival order, writes
+parked with its MQTT packet id. A writer task takes parked messages in arrival order, writes
 them as one batch (COPY into a staging table, then an insert that drops duplicates), and only
 after the transaction commits hands their packet ids to the broker link, which acknowledges the
-whole batch in one write. A batch is written when it holds `batch_size` readings or
-`flush_interval_s` after its first message. No task or future is made per message: at tens of
+whole batch in one write. Two writers take turns (`writers`): while one batch commits the next
+is written, and batches are acknowledged and handed to the rules in the order they were taken.
+A batch is written when it holds `batch_size` readings or `flush_interval_s` after its first
+message. No task or future is made per message: at tens of
 thousands of messages a second those were a third of the service's CPU.
 
 If a write fails for any reason but the data itself (PostgreSQL unreachable, read-only after a
@@ -134,13 +136,18 @@ class Ingest:
         flush_interval_s: float,
         backoff_cap_s: float = 5.0,
         max_outstanding: int = 4000,
+        writers: int = 2,
     ) -> None:
         self._store = store
         self._batch_size = batch_size
         self._flush_interval_s = flush_interval_s
         self._backoff_cap_s = backoff_cap_s
         self._parked: deque[_Parked] = deque()
-        self._writing: list[_Parked] = []
+        self._writers = writers
+        self._writing: dict[int, list[_Parked]] = {}  # batches being written, by ticket
+        self._tickets = 0  # batches ever taken
+        self._handed = 0  # batches acknowledged and handed on, in the order they were taken
+        self._turn = asyncio.Condition()
         self._parked_readings = 0
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
@@ -173,8 +180,8 @@ class Ingest:
 
     @property
     def outstanding(self) -> int:
-        """Messages received and not yet committed: parked plus the batch being written."""
-        return len(self._parked) + len(self._writing)
+        """Messages received and not yet committed: parked plus the batches being written."""
+        return len(self._parked) + sum(map(len, self._writing.values()))
 
     @property
     def store_ok(self) -> bool:
@@ -248,19 +255,37 @@ class Ingest:
         return _Parked(topic, payload, [], [letter], [], time.monotonic(), packet_id)
 
     async def run_writer(self) -> None:
-        """The writer loop: one batch at a time, in arrival order, until cancelled."""
+        """The writers, until cancelled: up to `writers` batches are written at once (so
+        PostgreSQL works on one while the next is taken, and on two cores on both), and each is
+        acknowledged and handed on only after every batch taken before it, so the rules and the
+        live stream see readings in arrival order."""
+        await asyncio.gather(*(self._write_batches() for _ in range(self._writers)))
+
+    async def _write_batches(self) -> None:
         while True:
             await self._arrived.wait()
             if self._parked_readings < self._batch_size:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._full.wait(), self._flush_interval_s)
-            self._writing = self._take_batch()
-            stored = await self._write(self._writing)
-            self._writing = []
-            if self._link is not None:
-                self._link.acknowledge([p.packet_id for p in stored if p.packet_id is not None])
-            if self._after_commit is not None:
-                await self._after_commit([r for p in stored for r in p.readings])
+            if not self._parked:
+                continue  # another writer took them
+            ticket = self._tickets
+            self._tickets += 1
+            self._writing[ticket] = batch = self._take_batch()
+            try:
+                stored = await self._write(batch)
+                async with self._turn:
+                    while self._handed != ticket:
+                        await self._turn.wait()
+                self._writing.pop(ticket, None)
+                if self._link is not None:
+                    self._link.acknowledge([p.packet_id for p in stored if p.packet_id is not None])
+                if self._after_commit is not None:
+                    await self._after_commit([r for p in stored for r in p.readings])
+            finally:
+                async with self._turn:
+                    self._handed += 1
+                    self._turn.notify_all()
             if (
                 self._link is not None
                 and self._paused
@@ -276,7 +301,7 @@ class Ingest:
     def abandon(self) -> None:
         """On shutdown, after the broker link is closed: forget what is held. None of it was
         acknowledged, so the broker delivers it again to the next session."""
-        self._writing = []
+        self._writing.clear()
         self._parked.clear()
         self._parked_readings = 0
 

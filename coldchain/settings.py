@@ -73,13 +73,15 @@ class Settings:
     log_level: str = "INFO"
     # Ingest tuning. The broker never has more than `mqtt_receive_maximum` unacknowledged
     # messages out to us, which bounds memory; a batch is written when it reaches
-    # `batch_size` readings or `flush_interval_s` after its first reading.
+    # `batch_size` readings or `flush_interval_s` after its first reading; `ingest_writers`
+    # batches are written at once (on their own connections of the pool).
     mqtt_client_id: str = "coldchain-ingest"
     mqtt_shared_group: str | None = None
     mqtt_receive_maximum: int = 4000
     mqtt_session_expiry_s: int = 7 * 24 * 3600
     batch_size: int = 2000
     flush_interval_s: float = 0.005
+    ingest_writers: int = 2
     db_pool_size: int = 4
     backoff_cap_s: float = 5.0
     # Alarm reminders: unacknowledged alarms repeat and escalate every REMIND_AFTER[severity]
@@ -163,6 +165,7 @@ class Settings:
             ),
             batch_size=int(number("BATCH_SIZE", defaults.batch_size, int)),
             flush_interval_s=number("FLUSH_INTERVAL_S", defaults.flush_interval_s, float),
+            ingest_writers=int(number("INGEST_WRITERS", defaults.ingest_writers, int)),
             db_pool_size=int(number("DB_POOL_SIZE", defaults.db_pool_size, int)),
             remind_scale=number("REMIND_SCALE", defaults.remind_scale, float),
             rules_beat_s=number("RULES_BEAT_S", defaults.rules_beat_s, float),

@@ -349,7 +349,10 @@ class TelemetryStore:
                     " ORDER BY 1 ON CONFLICT (id) DO NOTHING"
                 )
                 status = await conn.execute(
-                    "INSERT INTO readings SELECT * FROM readings_stage ON CONFLICT DO NOTHING"
+                    # In key order: two writers' batches holding the same redelivered readings
+                    # then wait for each other instead of deadlocking.
+                    "INSERT INTO readings SELECT * FROM readings_stage ORDER BY dewar_id, seq"
+                    " ON CONFLICT DO NOTHING"
                 )
                 stored = int(status.rsplit(" ", 1)[1])
             if dead_letters:
