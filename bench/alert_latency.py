@@ -61,6 +61,7 @@ STAGES = (
     ("ingest lag", "coldchain_ingest_lag_seconds"),
     ("rules batch", "coldchain_rules_batch_seconds"),
     ("alarm write", "coldchain_alarm_write_seconds"),
+    ("outbox claim", "coldchain_outbox_claim_seconds"),
     ("outbox to sent", "coldchain_notification_delay_seconds"),
 )
 

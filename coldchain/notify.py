@@ -97,6 +97,9 @@ class Dispatcher:
         self._failed = registry.counter(
             "coldchain_notification_failures_total", "Failed notification delivery attempts"
         )
+        self._claim_seconds = registry.histogram(
+            "coldchain_outbox_claim_seconds", "Time to claim due outbox rows", _DELAY
+        )
         self._delay = registry.histogram(
             "coldchain_notification_delay_seconds",
             "From an alarm change being written to its delivery, when the first attempt succeeds",
@@ -144,6 +147,7 @@ class Dispatcher:
         held = Counter(self._busy)
         held.update(n.recipient.id for n in self._queue if n.recipient is not None)
         claimed_here = [*self._in_flight, *(n.id for n in self._queue), *self._unrecorded]
+        started = time.perf_counter()
         try:
             due = await self._store.due_notifications(
                 datetime.now(UTC),
@@ -156,6 +160,7 @@ class Dispatcher:
             logger.warning("cannot read the notification outbox: %s", exc)
             await asyncio.sleep(1.0)
             return
+        self._claim_seconds.observe(time.perf_counter() - started)
         self._more = len(due) == room
         if due:
             self._queue += due
