@@ -26,7 +26,7 @@ from routing.diagnosis import diagnose
 from routing.itinerary import PlanResult
 from routing.network import FlightKey
 from routing.request import Objective, PlanRequest, PlanRequestError
-from routing.search import MAX_LEGS, Query, search
+from routing.search import MAX_LEGS, PairOrders, Query, search
 from routing.timetable import RouteIndex
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def plan(index: RouteIndex, request: PlanRequest) -> PlanResult:
     plans = []
     excluded = set(query.excluded)
     need_flight = hold_binds = False
+    orders = PairOrders(query.destination)  # the same for every alternative
     for _ in range(request.alternatives):
         found = search(
             index,
@@ -82,6 +83,7 @@ def plan(index: RouteIndex, request: PlanRequest) -> PlanResult:
                 need_flight=need_flight,
                 hold_binds=hold_binds,
             ),
+            orders=orders,
         )
         if found is None:
             break

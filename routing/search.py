@@ -26,6 +26,11 @@ shortest path), in the order of an admissible lower bound of the objective (A*):
   flight and the cursor for the next. A later, cheaper or safer flight is thus still found, but
   only when its bound says it can matter; for `fastest` the next cursor is only queued when a
   later flight overtakes this one (or the label is floating), since otherwise it is dominated.
+- Nor, for `fastest`, are a label's airport pairs: they wait on the heap behind one *pending*
+  entry, in order of a bound that needs no timetable (the pair's quickest flight), and each
+  pair's cursor is worked out only when the heap comes to that bound. Most never are: the plan
+  is found first. Each cursor keeps the place in the heap's order, ties included, that it
+  would have had if pushed at once, so the search finds the very same plan (`label_search`).
 
 How a query is answered (`search`). Taking the recharges out of a route keeps its flights, lanes
 and legs and makes every later step ready no later (waiting for a tender cutoff or receiving
@@ -66,6 +71,7 @@ from routing.timetable import NEVER, PairTimetable, RouteIndex, combined_risk
 _LABEL: Final = 0
 _CURSOR: Final = 1
 _DELIVERY: Final = 2
+_PENDING: Final = 3
 
 #: Without max_handoffs, routes are still bounded: no real route has more legs than this.
 MAX_LEGS: Final = 24
@@ -104,6 +110,7 @@ class _Label:
         "legs",
         "mmin",
         "parent",
+        "rank",
         "risk",
         "seg",
         "site",
@@ -139,6 +146,9 @@ class _Label:
         self.parent = parent
         # (kind, lane or flight number, departure, arrival); kind -1 marks a recharge.
         self.step = step
+        # Set when the label is settled: how many were settled before it (`rank` is unset
+        # until then, and only settled labels are looked up by it).
+        self.rank: int
 
     def margin(self) -> int:
         """Hold left now, or the smallest left at the end of any finished stretch."""
@@ -170,8 +180,9 @@ class _Label:
 @dataclass
 class SearchStats:
     """What searches did, summed: labels settled (taken off the heap and kept) and heap
-    entries pushed. Deterministic for a given network and query, so tests can hold the bounds
-    to account: a looser bound makes the search settle more."""
+    entries pushed (labels, cursors and pending pairs). Deterministic for a given network and
+    query, so tests can hold the bounds to account: a looser bound makes the search settle
+    more."""
 
     settled: int = 0
     pushed: int = 0
@@ -184,7 +195,25 @@ _KIND_RECHARGE: Final = -1
 Priority = tuple[float, ...]
 
 
-def search(index: RouteIndex, q: Query, stats: SearchStats | None = None) -> Plan | None:
+class PairOrders:
+    """Each site's airport pairs in the order of their bound to one destination, as
+    `label_search` looks at them: worked out when a search first expands the site, and kept for
+    the other searches of the same request (its alternatives), which all end there. For one
+    thread at a time: a planner makes one per request."""
+
+    __slots__ = ("by_site", "destination")
+
+    def __init__(self, destination: int) -> None:
+        self.destination = destination
+        self.by_site: dict[int, list[tuple[int, int, PairTimetable]]] = {}
+
+
+def search(
+    index: RouteIndex,
+    q: Query,
+    stats: SearchStats | None = None,
+    orders: PairOrders | None = None,
+) -> Plan | None:
     """The best plan for `q` by its objective, or None when no route meets its constraints.
 
     `fastest` is one label search. The other objectives first ask for the fastest plan under
@@ -196,18 +225,18 @@ def search(index: RouteIndex, q: Query, stats: SearchStats | None = None) -> Pla
         return None
     if q.objective is Objective.FASTEST:
         if not q.enforce_hold or q.hold_binds:
-            return label_search(index, q, stats=stats)
+            return label_search(index, q, stats=stats, orders=orders)
         # Taking the recharges out of a route keeps its legs and makes it no later, so the
         # fastest route with the hold ignored is the answer when it keeps within the hold, and
         # when there is none, nothing is feasible. Only otherwise do recharges matter.
-        relaxed = label_search(index, replace(q, enforce_hold=False), stats=stats)
+        relaxed = label_search(index, replace(q, enforce_hold=False), stats=stats, orders=orders)
         if relaxed is None or relaxed.duration <= timedelta(seconds=q.hold):
             return relaxed
-        return label_search(index, q, stats=stats)
-    fastest = search(index, replace(q, objective=Objective.FASTEST), stats)
+        return label_search(index, q, stats=stats, orders=orders)
+    fastest = search(index, replace(q, objective=Objective.FASTEST), stats, orders)
     if fastest is None:
         return None
-    return label_search(index, q, plan_key(q.objective, fastest)[0], stats)
+    return label_search(index, q, plan_key(q.objective, fastest)[0], stats, orders)
 
 
 def label_search(
@@ -215,6 +244,7 @@ def label_search(
     q: Query,
     incumbent: float | None = None,
     stats: SearchStats | None = None,
+    orders: PairOrders | None = None,
 ) -> Plan | None:
     """The label-setting search. `incumbent` is the first component of the objective key of a
     plan known to be feasible (for safest, minus its margin; for cheapest, its cost): anything
@@ -226,7 +256,9 @@ def label_search(
     if bounds[q.origin] == NEVER or hops[q.origin] > q.max_legs:
         return None
     recharge_bounds = index.recharge_bounds
-    deliver = _delivery_bound(index, q)
+    opens, closes = _receiving_windows(index, q)
+    windows = len(opens)
+    deliver = _delivery_bound(opens, closes)
 
     def to_dest(u: int) -> int:
         return bounds[u]
@@ -240,7 +272,8 @@ def label_search(
     # (unique, so nothing after it is compared), the kind, the label, and for a cursor its
     # pair and position. One tuple per entry keeps the garbage collector out of the way.
     heap: list[tuple[Any, ...]] = []
-    counter = 0
+    counter = 0  # orders ties; not every value is used (see `expand_fastest`)
+    pushed = 0
     limit = incumbent
 
     def push(
@@ -253,10 +286,11 @@ def label_search(
     ) -> None:
         """Queue `label` by its objective bound, then by its bound on arrival (not delivery: a
         site's hours make many bounds equal) so that ties go to the most promising."""
-        nonlocal counter
+        nonlocal counter, pushed
         if limit is not None and priority[0] > limit:
             return
         counter += 1
+        pushed += 1
         heappush(heap, (*priority, arrival, counter, kind, label, pair, j))
 
     def margin_bound(label: _Label, t: int, u: int) -> int:
@@ -276,7 +310,8 @@ def label_search(
             return
         if enforce_hold and label.clock + label.seg - label.t < to_stop(u):
             return  # the hold runs out before any recharge site or the destination
-        if any(other.dominates(label, q.objective, hold) for other in settled.get(u, ())):
+        others = settled.get(u)
+        if others is not None and _dominated(label, others, q.objective, hold):
             return
         priority = key(
             deliver(t_bound),
@@ -413,15 +448,71 @@ def label_search(
             if j < len(pair.tender):
                 push_cursor(label, pair, j)
 
+    # For `fastest`, the airport pairs from a settled label are not looked at all at once but
+    # lazily, in order of a bound that needs no timetable: a label ready at `t` cannot be ready
+    # beyond pair `p` before `t + pair_quickest[p]`, so no cursor of that pair can have a
+    # smaller bound than `t + pair_quickest[p] + bounds[b]`. Each site's pairs are sorted by it
+    # (once per request: `PairOrders`), and a *pending* heap entry keyed by the smallest such
+    # bound of the pairs not yet looked at stands for them all. The pairs are looked at when it
+    # comes off the heap (or at once, when they could be first anyway); most never are, because
+    # the plan is found first. A cursor keeps the place in the heap's order it would have had
+    # if it had been pushed when its label was expanded: its counter is reserved then, and the
+    # check whether a settled label covers it sees only the labels settled by then. So the
+    # search takes every label and cursor off the heap in the same order, and finds the same
+    # plan, as one that pushes every cursor at once.
+    pair_quickest = index.pair_quickest
+    if orders is None or orders.destination != dest:
+        orders = PairOrders(dest)
+    by_site = orders.by_site
+
+    def pair_order(u: int) -> list[tuple[int, int, PairTimetable]]:
+        """The pairs from `u` that can reach the destination, as (bound on the seconds from a
+        label's time to delivery, position in `index.pairs[u]`, pair), by the bound."""
+        order = [
+            (hop + bounds[b], position, pair)
+            for hop, position, b, pair in pair_quickest[u]
+            if bounds[b] != NEVER
+        ]
+        order.sort()
+        by_site[u] = order
+        return order
+
     def expand_fastest(label: _Label) -> None:
-        """`push_cursor` for every airport pair from the label's site, inlined for `fastest`:
-        the innermost loop of the search."""
+        """Reserve the counters of the label's cursors and look at its pairs, or queue them."""
+        nonlocal counter
+        u = label.site
+        base = counter + 1
+        counter = base + len(index.pairs[u])
+        order = by_site.get(u)
+        if order is None:
+            order = pair_order(u)
+        if order:
+            look_at(label, order, 0, base)
+
+    def look_at(
+        label: _Label, order: list[tuple[int, int, PairTimetable]], first: int, base: int
+    ) -> None:
+        """`push_cursor` for the label's pairs from `order[first]` on, inlined for `fastest` (the
+        innermost loop of the search), until the next one's bound is beyond the smallest on the
+        heap: that one and the rest then wait there, pending."""
+        nonlocal pushed
         t, legs_after, fixed = label.t, label.legs + 1, not label.floating
         hold_end = label.clock + label.seg
         check_hold = enforce_hold and fixed
         last_tender = min(latest, hold_end) if check_hold else latest
         cover_end = hold_end if hold else -NEVER
-        for pair in index.pairs[label.site]:
+        seen = label.rank + 1  # the labels settled when `label` was expanded
+        for i in range(first, len(order)):
+            quickest, position, pair = order[i]
+            t_least = t + quickest
+            if t_least > latest:
+                return  # and so for the rest, whose bounds are no smaller
+            if heap and t_least > heap[0][0]:
+                # No cursor of the rest has fewer legs than the fewest from the label's site.
+                pushed += 1
+                least = (deliver(t_least), label.legs + hops[label.site], t_least, base)
+                heappush(heap, (*least, _PENDING, label, order, i))
+                return
             tenders = pair.tender
             j = bisect_left(tenders, t)
             if j == len(tenders) or tenders[j] > last_tender:
@@ -439,11 +530,12 @@ def label_search(
                 continue
             if fixed:
                 others = settled.get(b)
-                if others is not None and _covers(others, ready, legs_after, cover_end):
+                if others is not None and _covers(others, ready, legs_after, cover_end, seen):
                     continue
-            nonlocal counter
-            counter += 1
-            heappush(heap, (deliver(t_bound), legs, t_bound, counter, _CURSOR, label, pair, j))
+            w = bisect_right(closes, t_bound)  # `deliver(t_bound)`, written out
+            delivered = t_bound if w == windows or opens[w] <= t_bound else opens[w]
+            pushed += 1
+            heappush(heap, (delivered, legs, t_bound, base + 1 + position, _CURSOR, label, pair, j))
 
     def board(label: _Label, pair: PairTimetable, j: int) -> None:
         flight = pair.flight[j]
@@ -497,31 +589,77 @@ def label_search(
         )
 
     found: Plan | None = None
+    ranks = 0
     while heap:
         entry = heappop(heap)
         kind, label = entry[-4], entry[-3]
         if kind == _CURSOR:
             board(label, entry[-2], entry[-1])
             continue
+        if kind == _PENDING:
+            look_at(label, entry[-2], entry[-1], entry[3])
+            continue
         if kind == _DELIVERY:
             found = _plan(index, q, label)
             break
         here = settled.setdefault(label.site, [])
-        if any(other.dominates(label, q.objective, hold) for other in here):
+        if here and _dominated(label, here, q.objective, hold):
             continue
+        label.rank = ranks
+        ranks += 1
         here.append(label)
         expand(label)
     if stats is not None:
-        stats.settled += sum(len(labels) for labels in settled.values())
-        stats.pushed += counter
+        stats.settled += ranks
+        stats.pushed += pushed
     return found
 
 
-def _covers(settled: list[_Label], ready: int, legs: int, hold_end: int) -> bool:
+def _dominated(label: _Label, others: list[_Label], objective: Objective, hold: bool) -> bool:
+    """Whether one of `others` (settled at the label's site) dominates `label`: the same as
+    `any(other.dominates(label, objective, hold) for other in others)`, with the comparisons
+    that `fastest` makes written out, because it makes them most."""
+    if objective is not Objective.FASTEST:
+        return any(other.dominates(label, objective, hold) for other in others)
+    t, legs, flown = label.t, label.legs, label.flown
+    if not hold:
+        for other in others:
+            if other.t <= t and other.legs <= legs and (other.flown or not flown):
+                return True
+        return False
+    if label.floating:
+        slack, seg = label.clock - t, label.seg
+        for other in others:
+            if (
+                other.t <= t
+                and other.legs <= legs
+                and (other.flown or not flown)
+                and other.floating
+                and other.clock - other.t >= slack
+                and other.seg >= seg
+            ):
+                return True
+        return False
+    hold_end = label.clock + label.seg
+    for other in others:
+        if (
+            other.t <= t
+            and other.legs <= legs
+            and (other.flown or not flown)
+            and other.clock + other.seg >= hold_end
+        ):
+            return True
+    return False
+
+
+def _covers(settled: list[_Label], ready: int, legs: int, hold_end: int, seen: int = NEVER) -> bool:
     """For fastest: whether a settled label dominates whatever a flight from a label with a
     fixed clock can bring to its site (ready at `ready` or later, with `legs` legs, flown, the
-    hold running out at `hold_end`). Its recharged twin, if any, then dominates theirs."""
+    hold running out at `hold_end`). Its recharged twin, if any, then dominates theirs. Only
+    the labels among the first `seen` settled count."""
     for other in settled:
+        if other.rank >= seen:
+            break
         if (
             other.t <= ready
             and other.legs <= legs
@@ -532,17 +670,26 @@ def _covers(settled: list[_Label], ready: int, legs: int, hold_end: int) -> bool
     return False
 
 
-def _delivery_bound(index: RouteIndex, q: Query) -> Callable[[int], int]:
-    """Arriving at the destination at the latest at `t` means delivery no earlier than this
-    (its receiving hours); monotone, so applied to a bound on arrival it bounds delivery."""
+def _receiving_windows(index: RouteIndex, q: Query) -> tuple[list[int], list[int]]:
+    """The destination's receiving hours over the query's span as ascending opens and closes
+    (none when it always receives): arriving at `t` means delivery at `max(t, opens[j])` for
+    the first window `j` that closes after `t`, or at `t` past the last one."""
     hours = index.hours[q.destination]
     if hours is None:
+        return [], []
+    return hours.opening_times(q.depart, q.latest, index.tz[q.destination])
+
+
+def _delivery_bound(opens: list[int], closes: list[int]) -> Callable[[int], int]:
+    """Arriving at the destination at `t` means delivery no earlier than this (see
+    `_receiving_windows`); monotone, so applied to a bound on arrival it bounds delivery."""
+    if not opens:
         return lambda t: t
-    opens, closes = hours.opening_times(q.depart, q.latest, index.tz[q.destination])
+    windows = len(opens)
 
     def opened(t: int) -> int:
         j = bisect_right(closes, t)
-        return t if j == len(opens) else max(t, opens[j])
+        return t if j == windows or opens[j] <= t else opens[j]
 
     return opened
 

@@ -180,16 +180,27 @@ class RouteIndex:
 
         # The quickest each hop can ever be, whatever the clock: for the A* bound.
         quickest: list[dict[int, int]] = [{} for _ in sites]
+        pair_quickest: list[tuple[tuple[int, int, int, PairTimetable], ...]] = []
         for a in range(len(sites)):
             for lane_entry in self.lanes[a]:
                 b = lane_entry.destination
                 hop = lane_entry.seconds + self._customs(a, b)
                 quickest[b][a] = min(quickest[b].get(a, NEVER), hop)
-            for pair in self.pairs[a]:
+            hops = []
+            for position, pair in enumerate(self.pairs[a]):
                 b = pair.destination
                 block = min(arr - dep for dep, arr in zip(pair.departs, pair.arrives, strict=True))
                 hop = self.connect[a] + block + self.recovery[b] + self._customs(a, b)
                 quickest[b][a] = min(quickest[b].get(a, NEVER), hop)
+                hops.append((hop, position, b, pair))
+            pair_quickest.append(tuple(hops))
+        #: For every site, its airport pairs as (the fewest seconds from a tender cutoff to
+        #: ready at the far end that any flight of the pair takes, the pair's position in
+        #: `pairs`, its far end, the pair). A shipment ready at `t` cannot be ready there
+        #: before `t` plus those seconds, whichever flight it boards.
+        self.pair_quickest: tuple[tuple[tuple[int, int, int, PairTimetable], ...], ...] = tuple(
+            pair_quickest
+        )
         self._quickest_into: tuple[tuple[tuple[int, int], ...], ...] = tuple(
             tuple(q.items()) for q in quickest
         )
