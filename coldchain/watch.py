@@ -461,11 +461,11 @@ def _unseen(tracked: _Tracked, items: list[IncomingReading]) -> list[IncomingRea
     again would ask for a replay from the store, for nothing. A reading after the watermark is
     never dropped; one before it is dropped only if it was received by `fed_through`, i.e. it
     was in what was fed (a late backlog arrives after it, so it is kept and replayed)."""
-    watermark = tracked.state.watermark
     fed = tracked.fed_through
-    if watermark is None or fed is None:
-        return items
-    if all((i.reading.ts, i.reading.seq) > watermark for i in items):
+    if fed is None or all(i.received_at > fed for i in items):
+        return items  # the usual case: all received since the rules last ran
+    watermark = tracked.state.watermark
+    if watermark is None or all((i.reading.ts, i.reading.seq) > watermark for i in items):
         return items
     return [i for i in items if i.received_at > fed or (i.reading.ts, i.reading.seq) > watermark]
 
