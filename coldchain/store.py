@@ -2037,13 +2037,17 @@ class Store(ShipmentStore):
                 " AND NOT n.id = ANY($5::bigint[])"
                 " AND (n.recipient_id IS NULL OR n.recipient_id NOT IN"
                 " (SELECT recipient_id FROM busy WHERE n >= $6))"
-                " ORDER BY urgency, n.id LIMIT $7 FOR UPDATE OF n SKIP LOCKED),"
+                " ORDER BY urgency, n.id LIMIT $7),"
                 " ranked AS (SELECT c.id, c.urgency, c.recipient_id IS NULL OR coalesce(b.n, 0)"
                 " + row_number() OVER (PARTITION BY c.recipient_id ORDER BY c.urgency, c.id)"
                 " <= $6 AS fits FROM candidates c LEFT JOIN busy b USING (recipient_id)),"
                 " chosen AS (SELECT id FROM ranked WHERE fits ORDER BY urgency, id LIMIT $2)"
+                # Only the chosen rows are locked, by the UPDATE. Another instance that chose
+                # the same rows waits for this claim and then finds them no longer due (READ
+                # COMMITTED re-checks the condition on the row as this claim left it).
                 " UPDATE notifications SET next_attempt_at = $1 + interval '60 seconds'"
-                " WHERE id IN (SELECT id FROM chosen)"
+                " WHERE id IN (SELECT id FROM chosen) AND status = 'pending'"
+                " AND next_attempt_at <= $1"
                 " RETURNING *",
                 now,
                 limit,
