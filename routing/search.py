@@ -513,20 +513,20 @@ def label_search(
                 least = (deliver(t_least), label.legs + hops[label.site], t_least, base)
                 heappush(heap, (*least, _PENDING, label, order, i))
                 return
-            tenders = pair.tender
-            j = bisect_left(tenders, t)
-            if j == len(tenders) or tenders[j] > last_tender:
-                continue
             b = pair.destination
             legs = legs_after + hops[b]
             if legs > max_legs:
+                continue
+            tenders = pair.tender
+            j = bisect_left(tenders, t)
+            if j == len(tenders) or tenders[j] > last_tender:
                 continue
             ready = pair.min_arrives[j] + pair.landing
             to_b = bounds[b]
             t_bound = ready + to_b
             if t_bound > latest:
                 continue
-            if check_hold and hold_end - ready < min(to_b, recharge_bounds[b]):
+            if check_hold and (hold_end - ready < to_b and hold_end - ready < recharge_bounds[b]):
                 continue
             if fixed:
                 others = settled.get(b)
