@@ -53,7 +53,7 @@ RETRY_CAP: Final = timedelta(seconds=15)
 GIVE_UP_AFTER: Final = timedelta(days=1)
 WEBHOOK_TIMEOUT_S: Final = 5.0
 MAX_CONCURRENT: Final = 32
-PER_RECIPIENT: Final = 4  # in flight to one webhook or mailbox; the alert topic is not capped
+PER_RECIPIENT: Final = 8  # in flight to one webhook or mailbox; the alert topic is not capped
 QUEUE_MAX: Final = 256  # claimed rows waiting here for a free slot
 QUEUED_PER_RECIPIENT: Final = 16  # of those, for one webhook or mailbox
 FLUSH_TIMEOUT_S: Final = 5.0

@@ -55,6 +55,7 @@ SHIPMENTS_EVERY_S: Final = 2.0
 QUEUE_BATCHES: Final = 64
 MAX_PENDING: Final = 5000  # shipments' worth of alarm changes queued before evaluation waits
 FLUSH_TIMEOUT_S: Final = 5.0
+YIELD_EVERY_S: Final = 0.005  # longest stretch of evaluation without letting others run
 # Rule state is saved as msgpack: compact, and several times cheaper to encode than JSON.
 _state_encoder: Final = msgspec.msgpack.Encoder()
 _state_decoder: Final = msgspec.msgpack.Decoder(RuleState)
@@ -361,7 +362,13 @@ class Watch:
             by_dewar[item.dewar_id].append(item)
         if self._stale or any(d not in self._by_dewar for d in by_dewar):
             await self._refresh()
+        started = time.perf_counter()
         for dewar, items in by_dewar.items():
+            if time.perf_counter() - started > YIELD_EVERY_S:
+                # A batch of thousands of readings is tens of milliseconds of evaluation: let
+                # the deliveries and requests waiting on the event loop go on in between.
+                await asyncio.sleep(0)
+                started = time.perf_counter()
             for shipment in self._by_dewar.get(dewar, ()):
                 mine = [
                     i
