@@ -305,13 +305,20 @@ def label_search(
             priority = key(label.t, label.legs, label.risk, label.cost, label.margin())
             push(priority, label.t, _DELIVERY, label)
             return
-        t_bound = label.t + to_dest(u)
-        if label.legs + hops[u] > max_legs or t_bound > latest:
+        to_u = bounds[u]
+        t_bound = label.t + to_u
+        legs = label.legs + hops[u]
+        if legs > max_legs or t_bound > latest:
             return
-        if enforce_hold and label.clock + label.seg - label.t < to_stop(u):
-            return  # the hold runs out before any recharge site or the destination
+        if enforce_hold:
+            hold_left = label.clock + label.seg - label.t
+            if hold_left < to_u and hold_left < recharge_bounds[u]:
+                return  # the hold runs out before any recharge site or the destination
         others = settled.get(u)
         if others is not None and _dominated(label, others, q.objective, hold):
+            return
+        if fastest:  # `key` would leave out risk, cost and margin: not worked out
+            push((deliver(t_bound), legs), t_bound, _LABEL, label)
             return
         priority = key(
             deliver(t_bound),
