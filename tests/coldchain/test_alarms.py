@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from datetime import time as dt_time
 from email import message_from_bytes
 from email.message import Message
 from typing import Any
@@ -863,32 +864,36 @@ async def outbox(database_url: str) -> AsyncIterator[tuple[Store, Shipment]]:
         await store.close()
 
 
+async def _unreachable_hook(
+    store: Store, name: str, quiet: tuple[dt_time, dt_time] | None = None
+) -> Recipient:
+    """A webhook recipient of every severity whose deliveries are only claimed, never sent."""
+    return await store.add_recipient(
+        Recipient(
+            id=0,
+            name=name,
+            channel=Channel.WEBHOOK,
+            address=f"http://127.0.0.1:9/{name}",
+            secret=SECRET,
+            min_severity=Severity.INFO,
+            site_id=None,
+            shipment_id=None,
+            tier=0,
+            quiet_from=None if quiet is None else quiet[0],
+            quiet_until=None if quiet is None else quiet[1],
+            tz="UTC",
+            active=True,
+        ),
+        "test",
+    )
+
+
 async def test_the_outbox_claims_no_more_than_four_at_a_time_for_one_recipient(
     outbox: tuple[Store, Shipment],
 ) -> None:
     store, shipment = outbox
     now = datetime.now(UTC)
-    hooks = [
-        await store.add_recipient(
-            Recipient(
-                id=0,
-                name=name,
-                channel=Channel.WEBHOOK,
-                address=f"http://127.0.0.1:9/{name}",
-                secret=SECRET,
-                min_severity=Severity.INFO,
-                site_id=None,
-                shipment_id=None,
-                tier=0,
-                quiet_from=None,
-                quiet_until=None,
-                tz="UTC",
-                active=True,
-            ),
-            "test",
-        )
-        for name in ("slow", "healthy")
-    ]
+    hooks = [await _unreachable_hook(store, name) for name in ("slow", "healthy")]
     slow, healthy = (h.id for h in hooks)
     await store.apply_transitions(
         shipment,
@@ -950,25 +955,9 @@ async def test_a_batch_of_transitions_does_what_one_at_a_time_does(
     one_by_one = await store.create_shipment(
         replace(batched, id="SH-ONE-BY-ONE", dewar_id="DW-ONE-BY-ONE"), Actor(0, "test", Role.ADMIN)
     )
-    for name, quiet in (("awake", None), ("asleep", (now - timedelta(hours=1)).time())):
-        await store.add_recipient(
-            Recipient(
-                id=0,
-                name=name,
-                channel=Channel.WEBHOOK,
-                address=f"http://127.0.0.1:9/{name}",
-                secret=SECRET,
-                min_severity=Severity.INFO,
-                site_id=None,
-                shipment_id=None,
-                tier=0,
-                quiet_from=quiet,
-                quiet_until=None if quiet is None else (now + timedelta(hours=1)).time(),
-                tz="UTC",
-                active=True,
-            ),
-            "test",
-        )
+    await _unreachable_hook(store, "awake")
+    quiet = ((now - timedelta(hours=1)).time(), (now + timedelta(hours=1)).time())
+    await _unreachable_hook(store, "asleep", quiet)
 
     def t(
         key: str, kind: str, minute: int, value: float, severity: Severity = Severity.MAJOR
@@ -1004,7 +993,7 @@ async def test_a_batch_of_transitions_does_what_one_at_a_time_does(
     assert [alarm_view(a) for a in together] == [alarm_view(a) for a in alone]
     conn = await asyncpg.connect(database_url)
     try:
-        views = []
+        views: list[list[list[tuple[Any, ...]]]] = []
         for shipment in (batched, one_by_one):
             alarms = await conn.fetch(
                 "SELECT episode_key, state, condition_active, value, message, cleared_at,"
@@ -1036,13 +1025,13 @@ async def test_a_batch_of_transitions_does_what_one_at_a_time_does(
     finally:
         await conn.close()
     assert views[0] == views[1]
-    alarms, changes, outbox_rows, audit = views[0]
-    assert [state for key, state in changes if key == "temp:1"] == [
+    _, changes_seen, outbox_seen, audit_seen = views[0]
+    assert [state for key, state in changes_seen if key == "temp:1"] == [
         "open", "cleared", "open", "cleared",
     ]  # fmt: skip
-    assert [row[0] for row in audit].count("alarm.voided") == 1
+    assert [row[0] for row in audit_seen].count("alarm.voided") == 1
     # Quiet hours: of each alarm's held deliveries only the latest is still pending; the
     # critical one was never held.
-    held = [(key, status) for key, _, name, status, _ in outbox_rows if name == "asleep"]
+    held = [(key, status) for key, _, name, status, _ in outbox_seen if name == "asleep"]
     assert [s for k, s in held if k == "temp:1"] == ["superseded"] * 3 + ["pending"]
     assert [s for k, s in held if k == "glass:1"] == ["pending", "pending"]

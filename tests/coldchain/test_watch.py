@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -145,6 +145,19 @@ async def test_hold_at_risk_uses_the_route_eta_when_the_shipment_has_no_deadline
     assert any(a.rule == HOLD_AT_RISK and a.shipment_id == ids["routed"] for a in changed)
 
 
+@contextlib.asynccontextmanager
+async def _running(watch: Watch) -> AsyncIterator[None]:
+    """The watch running, once it has caught up; stopped on the way out."""
+    running = asyncio.create_task(watch.run())
+    try:
+        await asyncio.wait_for(watch.ready.wait(), 30)
+        yield
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+
 class _Outage(Store):
     """The real store, whose alarm writes fail as if PostgreSQL were away until `back`."""
 
@@ -181,9 +194,7 @@ async def test_alarm_changes_wait_out_an_outage_and_no_state_is_saved_ahead_of_t
         ]
         await store.write_batch(warm, [])
         watch = Watch(store, Registry(), on_change=lambda alarms: None)
-        running = asyncio.create_task(watch.run())
-        try:
-            await asyncio.wait_for(watch.ready.wait(), 30)
+        async with _running(watch):
             await eventually(lambda: _attempts(store), lambda n: n >= 2)
             # The rules have moved on, but their state may not be saved ahead of the alarm.
             with pytest.raises(TimeoutError):
@@ -199,10 +210,6 @@ async def test_alarm_changes_wait_out_an_outage_and_no_state_is_saved_ahead_of_t
             assert raised[0].started_at == T0
             await watch._save(list(watch._tracked.values()))
             assert shipment.id in await store.rule_states([shipment.id])
-        finally:
-            running.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await running
     finally:
         await store.close()
 
@@ -238,9 +245,7 @@ async def test_readings_the_catch_up_fed_count_as_received_for_signal_lost(
         ]
         await store.write_batch(received, [])
         watch = Watch(store, Registry(), on_change=lambda alarms: None, beat_s=3600)
-        running = asyncio.create_task(watch.run())
-        try:
-            await asyncio.wait_for(watch.ready.wait(), 30)
+        async with _running(watch):
             await watch.committed(received)  # the batch, queued while the watch caught up
             await eventually(lambda: _queued(watch), lambda n: n == 0)
             tracked = watch._tracked[shipment.id]
@@ -250,10 +255,6 @@ async def test_readings_the_catch_up_fed_count_as_received_for_signal_lost(
             # Silence after the readings still counts from their arrival.
             await watch._check_silence(now + timedelta(minutes=16))
             assert [t.rule for _, ts in watch._pending for t in ts] == ["signal_lost"]
-        finally:
-            running.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await running
     finally:
         await store.close()
 
