@@ -165,7 +165,10 @@ def _paced_load(port: int, rate: float, stop: EventType) -> None:
             r = Reading(
                 seq=seq,
                 ts=start + timedelta(seconds=seq),
-                temp_c=-190.0 + d % 7 / 10,
+                # Moving a little, as a real probe's does: a value repeated exactly a dozen
+                # times is a stuck sensor, and the load would raise a thousand alarms of that
+                # (nor so fast that it is a temperature rising more than 2 °C/min).
+                temp_c=-190.0 + d % 7 / 10 + seq % 2 / 100,
                 ln2_level_pct=80.0,
                 tilt_deg=2.0,
                 shock_g=0.2,
@@ -221,11 +224,12 @@ def _measure(
         seq = seq_base + step
         # Device times stay in the past: each phase has its own half hour.
         ts = base + timedelta(seconds=step, minutes=30 if seq_base > ALARM_DEWARS else 0)
-        knock = Reading(seq=seq, ts=ts, temp_c=-190.0, ln2_level_pct=80.0, shock_g=25.0)
+        temp = -190.0 + step % 4 / 200  # never stuck, and slow (see _paced_load)
+        knock = Reading(seq=seq, ts=ts, temp_c=temp, ln2_level_pct=80.0, shock_g=25.0)
         calm = Reading(
             seq=seq + 1,
             ts=ts + timedelta(milliseconds=500),
-            temp_c=-190.0,
+            temp_c=temp,
             ln2_level_pct=80.0,
             shock_g=0.1,
         )
