@@ -47,6 +47,7 @@ from bench.harness import (
     metric,
     publish_packet,
     start_service,
+    stop_service,
 )
 from bench.ingest import coldchain_rate, make_messages
 from coldchain.alarms import Channel, Recipient
@@ -354,8 +355,7 @@ def main() -> None:
     finally:
         listener.loop_stop()
         if service is not None:
-            service.terminate()
-            service.wait(30)
+            stop_service(service, work / "service.log")
         asyncio.run(drop_database(server_url, database_url))
         servers.close()
 

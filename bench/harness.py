@@ -157,6 +157,24 @@ def start_service(log: Path, **settings: str) -> tuple[subprocess.Popen[bytes], 
         time.sleep(0.2)
 
 
+def stop_service(service: subprocess.Popen[bytes], log: Path) -> None:
+    """SIGTERM, as an operator stops it; says so, with the end of its log, if it takes over
+    30 s (then kills it), so a slow shutdown is seen rather than hidden by the bench's end."""
+    started = time.monotonic()
+    service.terminate()
+    try:
+        service.wait(30)
+    except subprocess.TimeoutExpired:
+        service.kill()
+        service.wait(10)
+        tail = log.read_text(errors="replace").splitlines()[-20:]
+        print("the service did not stop within 30 s of SIGTERM; the end of its log:")
+        print("\n".join(f"  {line}" for line in tail))
+        return
+    if time.monotonic() - started > 5:
+        print(f"(the service took {time.monotonic() - started:.1f} s to stop)")
+
+
 def metric(base: str, name: str) -> float:
     with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:  # noqa: S310
         for line in response.read().decode().splitlines():

@@ -42,6 +42,7 @@ from bench.harness import (
     metric,
     publish_packet,
     start_service,
+    stop_service,
 )
 from coldchain.embedded import EmbeddedBroker
 from sensors import Reading, encode_reading, telemetry_topic
@@ -165,8 +166,7 @@ def coldchain_rate(
         publisher.join()
         return len(messages) / (t1 - t0), _peak_rss_mib(service.pid)
     finally:
-        service.terminate()
-        service.wait(30)
+        stop_service(service, log)
 
 
 async def _shipments(database_url: str, dewars: int) -> None:

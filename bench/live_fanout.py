@@ -65,7 +65,7 @@ import asyncpg
 import msgspec
 import numpy as np
 
-from bench.harness import BenchServers, create_database, drop_database, start_service
+from bench.harness import BenchServers, create_database, drop_database, start_service, stop_service
 from bench.ingest import make_messages, publish
 from coldchain.auth import Role, new_token, token_hash
 from coldchain.embedded import EmbeddedBroker
@@ -422,8 +422,7 @@ def _one_run(
             for child in children:
                 if child.is_alive():
                     child.kill()
-            service.terminate()
-            service.wait(30)
+            stop_service(service, log)
         if run.received:
             decoded = next(r for r in run.received if r.keys is not None)
             run.events = len(decoded.times)
