@@ -317,8 +317,11 @@ def label_search(
         others = settled.get(u)
         if others is not None and _dominated(label, others, q.objective, hold):
             return
-        if fastest:  # `key` would leave out risk, cost and margin: not worked out
-            push((deliver(t_bound), legs), t_bound, _LABEL, label)
+        if fastest:  # `push` without the tuple `key` makes; `fastest` has no incumbent
+            nonlocal counter, pushed
+            counter += 1
+            pushed += 1
+            heappush(heap, (deliver(t_bound), legs, t_bound, counter, _LABEL, label, None, 0))
             return
         priority = key(
             deliver(t_bound),
@@ -517,8 +520,8 @@ def label_search(
             if heap and t_least > heap[0][0]:
                 # No cursor of the rest has fewer legs than the fewest from the label's site.
                 pushed += 1
-                least = (deliver(t_least), label.legs + hops[label.site], t_least, base)
-                heappush(heap, (*least, _PENDING, label, order, i))
+                fewest = label.legs + hops[label.site]
+                heappush(heap, (deliver(t_least), fewest, t_least, base, _PENDING, label, order, i))
                 return
             b = pair.destination
             legs = legs_after + hops[b]
@@ -609,8 +612,10 @@ def label_search(
         if kind == _DELIVERY:
             found = _plan(index, q, label)
             break
-        here = settled.setdefault(label.site, [])
-        if here and _dominated(label, here, q.objective, hold):
+        here = settled.get(label.site)
+        if here is None:
+            here = settled[label.site] = []
+        elif _dominated(label, here, q.objective, hold):
             continue
         label.rank = ranks
         ranks += 1
