@@ -81,8 +81,17 @@ async def seed(store: Store, *, dewars: int, fleet_start: datetime) -> dict[str,
     for s in earlier:
         if s.ends_at is not None:
             ended[s.dewar_id] = max(s.ends_at, ended.get(s.dewar_id, s.ends_at))
+    fleet_dewars = {dewar_id(index) for index in range(dewars)}
+    for s in earlier:
+        if s.status.active and s.id.startswith("DEMO-") and s.dewar_id not in fleet_dewars:
+            # An earlier demo's shipment of a dewar this fleet does not run (a bigger fleet, or
+            # the off-by-one of earlier versions): it would only ever raise "signal lost".
+            await store.record_event(
+                s.id, EventType.CANCELLED, datetime.now(UTC), None, "no such dewar in the fleet",
+                _DEMO_ACTOR,
+            )  # fmt: skip
     for index in range(dewars):
-        dewar = dewar_id(index + 1)
+        dewar = dewar_id(index)
         lane = LANES[index % len(LANES)]
         origin, destination = LANE_SITES[index % len(LANE_SITES)]
         current = active.get(dewar)
