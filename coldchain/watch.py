@@ -90,6 +90,10 @@ class _Tracked:
         self.eta = eta
         self.cold_until = cold_until(shipment.deliver_by, eta)
 
+    def received(self, items: Sequence[IncomingReading]) -> None:
+        """Readings of the dewar arrived: it is not silent, whether or not they are fed."""
+        self.last_received = max(self.last_received, max(i.received_at for i in items))
+
     def update(self, shipment: Shipment, eta: datetime | None) -> None:
         self.shipment = shipment  # status, deliver_by and window may change
         self.eta = eta  # a re-plan moves it
@@ -208,6 +212,7 @@ class Watch:
         """Feed what arrived since the state was saved (all of it for a new shipment)."""
         readings = await self._store.readings_since(tracked.shipment, tracked.fed_through)
         if readings:
+            tracked.received(readings)
             await self._evaluate(tracked, readings)
         open_lost = [
             a
@@ -379,8 +384,7 @@ class Watch:
                 tracked = self._tracked.get(shipment.id)
                 if not mine or tracked is None:
                     continue
-                # Received, so not silent, even when the catch-up fed them already.
-                tracked.last_received = max(tracked.last_received, max(i.received_at for i in mine))
+                tracked.received(mine)  # even when the catch-up fed them already
                 mine = _unseen(tracked, mine)
                 if mine:
                     await self._evaluate(tracked, mine)
@@ -415,7 +419,6 @@ class Watch:
             )
         newest = max(i.received_at for i in items)
         tracked.fed_through = max(tracked.fed_through or newest, newest)
-        tracked.last_received = max(tracked.last_received, newest)
         tracked.dirty = True
         if transitions:
             self._enqueue(shipment, [_transition(t) for t in transitions])
