@@ -216,31 +216,31 @@ class Dispatcher:
             await self._sent_event.wait()
             self._sent_event.clear()
             while self._sent:
-                batch = self._sent[:]
                 try:
-                    await self._store.delivered(batch)
+                    await self._record()
                 except StoreUnavailable as exc:
                     # Still claimed here, so not sent twice by this instance; once the claims
                     # run out they may be sent again, which receivers recognise.
-                    logger.warning("%d deliveries not recorded yet: %s", len(batch), exc)
+                    logger.warning("%d deliveries not recorded yet: %s", len(self._sent), exc)
                     await asyncio.sleep(1.0)
-                    continue
-                del self._sent[: len(batch)]
-                self._unrecorded.difference_update(sent[0] for sent in batch)
+
+    async def _record(self) -> None:
+        """Record what has been sent so far, and stop holding it as claimed here."""
+        batch = self._sent[:]
+        await self._store.delivered(batch)
+        del self._sent[: len(batch)]
+        self._unrecorded.difference_update(sent[0] for sent in batch)
 
     async def _record_the_rest(self) -> None:
         if not self._sent:
             return
         try:
             async with asyncio.timeout(FLUSH_TIMEOUT_S):
-                await self._store.delivered(self._sent)
+                await self._record()
         except (StoreUnavailable, TimeoutError):
             # Sent but not recorded: they will be sent again once the database is back; the
             # receiver recognises the repeat by X-Coldchain-Delivery.
             logger.warning("%d notifications sent but not recorded as sent", len(self._sent))
-            return
-        self._sent.clear()
-        self._unrecorded.clear()
 
     async def _deliver(self, n: Notification) -> None:
         started = time.perf_counter()
