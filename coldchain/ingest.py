@@ -145,6 +145,7 @@ class Ingest:
         self._parked: deque[_Parked] = deque()
         self._writers = writers
         self._writing: dict[int, list[_Parked]] = {}  # batches being written, by ticket
+        self._writing_messages = 0  # their messages together: `outstanding` is asked per message
         self._tickets = 0  # batches ever taken
         self._handed = 0  # batches acknowledged and handed on, in the order they were taken
         self._turn = asyncio.Condition()
@@ -181,7 +182,7 @@ class Ingest:
     @property
     def outstanding(self) -> int:
         """Messages received and not yet committed: parked plus the batches being written."""
-        return len(self._parked) + sum(map(len, self._writing.values()))
+        return len(self._parked) + self._writing_messages
 
     @property
     def store_ok(self) -> bool:
@@ -272,12 +273,13 @@ class Ingest:
             ticket = self._tickets
             self._tickets += 1
             self._writing[ticket] = batch = self._take_batch()
+            self._writing_messages += len(batch)
             try:
                 stored = await self._write(batch)
                 async with self._turn:
                     while self._handed != ticket:
                         await self._turn.wait()
-                self._writing.pop(ticket, None)
+                self._writing_messages -= len(self._writing.pop(ticket, ()))
                 if self._link is not None:
                     self._link.acknowledge([p.packet_id for p in stored if p.packet_id is not None])
                 if self._after_commit is not None:
@@ -302,6 +304,7 @@ class Ingest:
         """On shutdown, after the broker link is closed: forget what is held. None of it was
         acknowledged, so the broker delivers it again to the next session."""
         self._writing.clear()
+        self._writing_messages = 0
         self._parked.clear()
         self._parked_readings = 0
 
