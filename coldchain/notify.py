@@ -196,7 +196,8 @@ class Dispatcher:
             logger.error("delivering notification %d crashed", n.id, exc_info=exc)
         # A slot is free. Claim again if the outbox may hold more than is queued here: the last
         # claim was full, or this recipient's queue runs low.
-        queued = sum(1 for q in self._queue if q.recipient == n.recipient)
+        who = n.recipient.id if n.recipient is not None else None
+        queued = sum(1 for q in self._queue if (q.recipient.id if q.recipient else None) == who)
         if self._more or queued <= QUEUED_PER_RECIPIENT // 2:
             self._claim_wanted = True
         self._event.set()

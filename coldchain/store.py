@@ -2087,7 +2087,11 @@ class Store(ShipmentStore):
 
     async def delivered(self, sent: Sequence[tuple[int, str | None, float, datetime]]) -> None:
         """Record deliveries that went through: (notification id, detail, duration in ms, when
-        sent). One statement, atomic on its own, for a dispatcher's worth of them."""
+        sent). One statement, atomic on its own, for a dispatcher's worth of them.
+
+        Recording the same send twice (the same id and send time: a statement cancelled at
+        shutdown after the server had committed it, then written again) changes nothing the
+        second time; another send of the same notification is recorded as its own attempt."""
         if not sent:
             return
         ids, details, durations, times = (list(c) for c in zip(*sent, strict=True))
@@ -2097,7 +2101,7 @@ class Store(ShipmentStore):
                 " $4::timestamptz[]) AS d (id, detail, duration_ms, at)),"
                 " sent AS (UPDATE notifications n SET status = 'sent', sent_at = d.at,"
                 " attempts = n.attempts + 1, last_error = NULL FROM d WHERE n.id = d.id"
-                " RETURNING n.id)"
+                " AND n.sent_at IS DISTINCT FROM d.at RETURNING n.id)"
                 " INSERT INTO delivery_attempts (notification_id, at, ok, detail, duration_ms)"
                 " SELECT d.id, d.at, true, d.detail, d.duration_ms FROM d JOIN sent USING (id)",
                 ids,

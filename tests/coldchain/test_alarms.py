@@ -944,6 +944,32 @@ async def test_a_critical_alarm_is_sent_before_a_flood_of_lesser_ones(
     assert [n.body["severity"] for n in claimed[1:]] == ["major"] * 4
 
 
+async def test_a_send_recorded_twice_is_one_attempt_and_a_resend_is_another(
+    outbox: tuple[Store, Shipment],
+) -> None:
+    """At shutdown the recorder's statement can be cancelled after the server committed it,
+    and the same batch is then written again: that must not count a second delivery."""
+    store, shipment = outbox
+    now = datetime.now(UTC)
+    await store.apply_transitions(
+        shipment,
+        [Transition("lid:1", "lid_open", Severity.MAJOR, "raised", now, now, 1, 0, "")],
+    )
+    (n,) = await store.due_notifications(datetime.now(UTC), 5)
+    sent_at = datetime.now(UTC)
+    await store.delivered([(n.id, "published", 3.0, sent_at)])
+    await store.delivered([(n.id, "published", 3.0, sent_at)])
+    ((recorded, attempts),) = await store.delivery_log(n.alarm_id)
+    assert (recorded.status, recorded.attempts) == ("sent", 1)
+    assert [(a.ok, a.at) for a in attempts] == [(True, sent_at)]
+    # A real second send (another instance after the claim ran out) is its own attempt.
+    again = sent_at + timedelta(seconds=40)
+    await store.delivered([(n.id, "published", 2.0, again)])
+    ((recorded, attempts),) = await store.delivery_log(n.alarm_id)
+    assert recorded.attempts == 2
+    assert [a.at for a in attempts] == [sent_at, again]
+
+
 async def test_a_batch_of_transitions_does_what_one_at_a_time_does(
     outbox: tuple[Store, Shipment], database_url: str
 ) -> None:
