@@ -144,8 +144,7 @@ class Ingest:
         self._backoff_cap_s = backoff_cap_s
         self._parked: deque[_Parked] = deque()
         self._writers = writers
-        self._writing: dict[int, list[_Parked]] = {}  # batches being written, by ticket
-        self._writing_messages = 0  # their messages together: `outstanding` is asked per message
+        self._writing_messages = 0  # in the batches being written (`outstanding`, per message)
         self._tickets = 0  # batches ever taken
         self._handed = 0  # batches acknowledged and handed on, in the order they were taken
         self._turn = asyncio.Condition()
@@ -272,14 +271,14 @@ class Ingest:
                 continue  # another writer took them
             ticket = self._tickets
             self._tickets += 1
-            self._writing[ticket] = batch = self._take_batch()
+            batch = self._take_batch()
             self._writing_messages += len(batch)
             try:
                 stored = await self._write(batch)
                 async with self._turn:
                     while self._handed != ticket:
                         await self._turn.wait()
-                self._writing_messages -= len(self._writing.pop(ticket, ()))
+                self._writing_messages -= len(batch)
                 if self._link is not None:
                     self._link.acknowledge([p.packet_id for p in stored if p.packet_id is not None])
                 if self._after_commit is not None:
@@ -303,7 +302,6 @@ class Ingest:
     def abandon(self) -> None:
         """On shutdown, after the broker link is closed: forget what is held. None of it was
         acknowledged, so the broker delivers it again to the next session."""
-        self._writing.clear()
         self._writing_messages = 0
         self._parked.clear()
         self._parked_readings = 0

@@ -4,6 +4,7 @@ real broker and a real database."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 from datetime import UTC, datetime, timedelta
@@ -13,6 +14,9 @@ import aiohttp
 import asyncpg
 import pytest
 
+from coldchain.ingest import Ingest
+from coldchain.metrics import Registry
+from coldchain.store import Store
 from sensors import Reading, encode_batch, encode_reading, status_topic, telemetry_topic
 from tests.support import eventually, make_token, publish_all, running_service, service_settings
 
@@ -445,3 +449,49 @@ async def test_a_reading_the_database_refuses_is_dead_lettered_alone(
     assert len(letters) == 1
     assert "CheckViolationError" in str(letters[0]["reason"])
     assert letters[0]["payload"] == encode_reading(refused).decode()
+
+
+class _RecordingLink:
+    """What the ingest tells the broker link, in order."""
+
+    def __init__(self) -> None:
+        self.told: list[object] = []
+
+    def acknowledge(self, packet_ids: list[int]) -> None:
+        self.told.append(("acknowledge", packet_ids))
+
+    def pause_reading(self) -> None:
+        self.told.append("pause")
+
+    def resume_reading(self) -> None:
+        self.told.append("resume")
+
+
+async def test_reads_pause_at_the_outstanding_limit_and_resume_once_it_is_committed(
+    store: Store, unique: str
+) -> None:
+    ingest = Ingest(store, Registry(), batch_size=1000, flush_interval_s=0.05, max_outstanding=4)
+    link = _RecordingLink()
+    ingest.attach(link)
+    topic = telemetry_topic(f"DW-{unique}")
+    now = datetime.now(UTC).replace(microsecond=0)
+    payloads = [encode_reading(r) for r in readings(5, start=now - timedelta(hours=1))]
+    for packet_id, payload in enumerate(payloads[:3], start=1):
+        ingest.handle(topic, payload, packet_id)
+    assert (ingest.outstanding, link.told) == (3, [])
+    ingest.handle(topic, payloads[3], 4)
+    assert (ingest.outstanding, link.told) == (4, ["pause"])
+    writer = asyncio.create_task(ingest.run_writer())
+    try:
+        await eventually(lambda: asyncio.sleep(0, link.told), lambda told: "resume" in told)
+        assert link.told == ["pause", ("acknowledge", [1, 2, 3, 4]), "resume"]
+        assert ingest.outstanding == 0
+        # Below the limit again: one more message is taken without pausing.
+        ingest.handle(topic, payloads[4], 5)
+        await eventually(lambda: asyncio.sleep(0, link.told), lambda told: len(told) == 4)
+        assert link.told[3] == ("acknowledge", [5])
+        assert ingest.outstanding == 0
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
