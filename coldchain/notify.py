@@ -145,7 +145,7 @@ class Dispatcher:
         if room <= 0:
             return
         held = Counter(self._busy)
-        held.update(n.recipient.id for n in self._queue if n.recipient is not None)
+        held.update(n.recipient_id for n in self._queue if n.recipient_id is not None)
         claimed_here = [*self._in_flight, *(n.id for n in self._queue), *self._unrecorded]
         started = time.perf_counter()
         try:
@@ -196,8 +196,7 @@ class Dispatcher:
             logger.error("delivering notification %d crashed", n.id, exc_info=exc)
         # A slot is free. Claim again if the outbox may hold more than is queued here: the last
         # claim was full, or this recipient's queue runs low.
-        who = n.recipient.id if n.recipient is not None else None
-        queued = sum(1 for q in self._queue if (q.recipient.id if q.recipient else None) == who)
+        queued = sum(1 for q in self._queue if q.recipient_id == n.recipient_id)
         if self._more or queued <= QUEUED_PER_RECIPIENT // 2:
             self._claim_wanted = True
         self._event.set()

@@ -1382,6 +1382,11 @@ class Notification:
     # quiet hours when a later change of the alarm took its place)
     status: str = "pending"
 
+    @property
+    def recipient_id(self) -> int | None:
+        """The recipient's id; None for the alert topic, which has no recipient."""
+        return self.recipient.id if self.recipient is not None else None
+
 
 @dataclass(frozen=True, slots=True)
 class AttemptInfo:
