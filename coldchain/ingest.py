@@ -135,7 +135,7 @@ class Ingest:
         batch_size: int,
         flush_interval_s: float,
         backoff_cap_s: float = 5.0,
-        max_outstanding: int = 4000,
+        max_outstanding: int = 16000,
         writers: int = 2,
     ) -> None:
         self._store = store

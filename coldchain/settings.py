@@ -77,9 +77,9 @@ class Settings:
     # batches are written at once (on their own connections of the pool).
     mqtt_client_id: str = "coldchain-ingest"
     mqtt_shared_group: str | None = None
-    mqtt_receive_maximum: int = 4000
+    mqtt_receive_maximum: int = 16000
     mqtt_session_expiry_s: int = 7 * 24 * 3600
-    batch_size: int = 2000
+    batch_size: int = 4000
     flush_interval_s: float = 0.005
     ingest_writers: int = 2
     db_pool_size: int = 4
