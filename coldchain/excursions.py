@@ -351,7 +351,16 @@ class _Plan:
     """A profile laid out for the per-reading loop: each limit as a flat tuple, the other
     rules' settings in microseconds. Built once per profile object (`_plan`)."""
 
-    __slots__ = ("cap", "jump_window", "limits", "margin", "profile", "rate_limit")
+    __slots__ = (
+        "budgets",
+        "cap",
+        "jump_window",
+        "limits",
+        "margin",
+        "profile",
+        "quiet",
+        "rate_limit",
+    )
 
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
@@ -367,6 +376,14 @@ class _Plan:
             )
             for limit in profile.limits
         )
+        # Per metric with limits, the range inside every one of them: a reading inside all of
+        # these changes nothing while no limit is breached, counting or open (`_Run.step`).
+        inside: dict[str, tuple[float, float]] = {}
+        for _, metric, low, high, *_ in self.limits:
+            was_low, was_high = inside.get(metric, (-math.inf, math.inf))
+            inside[metric] = (max(was_low, low), min(was_high, high))
+        self.quiet = tuple((metric, low, high) for metric, (low, high) in inside.items())
+        self.budgets = tuple((limit.rule, limit.budget_s is not None) for limit in profile.limits)
         self.cap = int(profile.signal_lost_after_s * _US)
         self.jump_window = int(profile.expected_interval_s * JUMP_WINDOW_INTERVALS * _US)
         rate = profile.rate_limit_c_per_min
@@ -392,7 +409,17 @@ def _plan(profile: Profile) -> _Plan:
 class _Run:
     """One pass of evaluation over readings in device-time order; collects transitions."""
 
-    __slots__ = ("cap", "deliver", "jump_window", "out", "plan", "profile", "rate_limit", "state")
+    __slots__ = (
+        "active",
+        "cap",
+        "deliver",
+        "jump_window",
+        "out",
+        "plan",
+        "profile",
+        "rate_limit",
+        "state",
+    )
 
     def __init__(self, profile: Profile, state: RuleState, deliver_by: datetime | None) -> None:
         plan = _plan(profile)
@@ -404,24 +431,58 @@ class _Run:
         self.cap = plan.cap
         self.jump_window = plan.jump_window
         self.rate_limit = plan.rate_limit
+        self.active = self._any_active()
 
     def step(self, r: Reading, t: int) -> None:
         """Evaluate one reading; `t` is its device time in µs since the epoch."""
         cur = self.state.current
         cur.wm_ts = t
         cur.wm_seq = r.seq
+        if self.active:
+            self._limits(cur, r, t)
+        else:
+            # Most readings: inside every limit, none of which is breached, counting or open.
+            # The limits would leave the state as it is; look no further than the values.
+            for metric, low, high in self.plan.quiet:
+                raw = getattr(r, metric)
+                if raw is not None and not low <= raw <= high:
+                    self._limits(cur, r, t)
+                    break
+        self._temperature(cur, t, r.temp_c)
+        if self.profile.forecast_hold:
+            self._hold(cur, t, r)
+        checkpoints = self.state.checkpoints
+        if not checkpoints or t - (checkpoints[-1].wm_ts or 0) >= CHECKPOINT_EVERY_S * _US:
+            self._checkpoint()
+
+    def _any_active(self) -> bool:
+        """Whether a limit is breached (waiting out its delay), counting its budget, or open."""
+        tracks = self.state.current.tracks
+        for rule, budget in self.plan.budgets:
+            track = tracks.get(rule)
+            if track is not None and (
+                track.last is not None if budget else track.open or track.since is not None
+            ):
+                return True
+        return False
+
+    # Limits -------------------------------------------------------------------------------
+
+    def _limits(self, cur: Snapshot, r: Reading, t: int) -> None:
         tracks = cur.tracks
         for rule, metric, low, high, above, below, budget, limit in self.plan.limits:
             raw = getattr(r, metric)
             if raw is None:
                 continue
-            track = tracks.get(rule)
-            if track is None:
-                track = tracks[rule] = Track()
             # The quiet case, exactly as the full rule would leave it: inside the threshold (or
             # the range) and nothing open (a delayed limit forgets a breach in progress; a budget
             # that was not counting stays as it is). One comparison for a one-sided limit.
             inside = raw <= high if above else raw >= low if below else low <= raw <= high
+            track = tracks.get(rule)
+            if track is None:
+                if inside:
+                    continue  # never breached: nothing to remember yet
+                track = tracks[rule] = Track()
             if budget:
                 if inside and track.last is None:
                     continue
@@ -430,14 +491,7 @@ class _Run:
                 track.since = None
             else:
                 self._delayed(limit, track, t, float(raw))
-        self._temperature(cur, t, r.temp_c)
-        if self.profile.forecast_hold:
-            self._hold(cur, t, r)
-        checkpoints = self.state.checkpoints
-        if not checkpoints or t - (checkpoints[-1].wm_ts or 0) >= CHECKPOINT_EVERY_S * _US:
-            self._checkpoint()
-
-    # Limits -------------------------------------------------------------------------------
+        self.active = self._any_active()
 
     def _delayed(self, limit: Limit, track: Track, t: int, v: float) -> None:
         if track.open:
