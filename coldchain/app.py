@@ -12,7 +12,7 @@ from aiohttp import web
 
 from coldchain import api, health, keys, openapi
 from coldchain.alarms import Alarm
-from coldchain.auth import FailureLimiter
+from coldchain.auth import FailureLimiter, Proxies
 from coldchain.broker import BrokerLink
 from coldchain.errors import StoreUnavailable
 from coldchain.ingest import Ingest
@@ -36,6 +36,7 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = Registry()
     app[keys.AUTH_FAILURES] = FailureLimiter()
+    app[keys.PROXIES] = Proxies(settings.trusted_proxies)
     app[keys.LIVE] = LiveHub(app[keys.METRICS])
     app[keys.MIGRATED] = asyncio.Event()
     app.add_routes(health.routes)

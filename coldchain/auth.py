@@ -13,8 +13,10 @@ import hashlib
 import secrets
 import time
 from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from typing import Final
 
 TOKEN_PREFIX: Final = "cc_"  # noqa: S105 - a prefix that makes tokens recognisable, no secret
@@ -107,3 +109,44 @@ class FailureLimiter:
             # Bounded memory under a spray of addresses: forget the oldest client.
             self._failures.pop(next(iter(self._failures)))
         self._failures.setdefault(client, deque()).append(time.monotonic())
+
+
+class Proxies:
+    """The reverse proxies whose `X-Forwarded-For` is believed (`COLDCHAIN_TRUSTED_PROXIES`).
+
+    Behind a proxy every request comes from the proxy's address, so one client's failed
+    sign-ins would lock out everyone behind it. A request from a trusted proxy is counted
+    against the nearest address in `X-Forwarded-For` that is not a trusted proxy: each proxy
+    appends the address it was reached from, so that hop was written by a proxy we trust,
+    while anything to its left is whatever the client sent. With none configured the header is
+    ignored, so that no client can pick the address it is counted against."""
+
+    def __init__(self, networks: Iterable[str] = ()) -> None:
+        self._networks: tuple[IPv4Network | IPv6Network, ...] = tuple(
+            ip_network(n, strict=False) for n in networks
+        )
+
+    def client(self, peer: str | None, forwarded_for: Sequence[str]) -> str:
+        """The address a request is counted against: `peer`, or when that is a trusted proxy,
+        the nearest untrusted hop of the `X-Forwarded-For` header values (the leftmost when
+        every hop is trusted)."""
+        address = peer or "unknown"
+        if not self._networks or not self._trusted(address):
+            return address
+        hops = [hop.strip() for value in forwarded_for for hop in value.split(",")]
+        for hop in reversed(hops):
+            if not hop:
+                continue
+            if not self._trusted(hop):
+                return hop[:64]
+            address = hop
+        return address
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ip_address(address)
+        except ValueError:
+            return False  # not an address: whatever a client wrote there
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self._networks)

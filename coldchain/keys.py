@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from coldchain.auth import Actor, FailureLimiter
+from coldchain.auth import Actor, FailureLimiter, Proxies
 from coldchain.broker import BrokerLink
 from coldchain.ingest import Ingest
 from coldchain.live import LiveHub
@@ -23,6 +23,7 @@ STORE = web.AppKey("store", Store)
 INGEST = web.AppKey("ingest", Ingest)
 BROKER = web.AppKey("broker", BrokerLink)
 AUTH_FAILURES = web.AppKey("auth_failures", FailureLimiter)
+PROXIES = web.AppKey("proxies", Proxies)
 LIVE = web.AppKey("live", LiveHub)
 # Set once the database schema is current; everything that queries waits for it.
 MIGRATED = web.AppKey("migrated", asyncio.Event)

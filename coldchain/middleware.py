@@ -69,7 +69,9 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     if permission is None:
         return await handler(request)
     limiter = request.app[keys.AUTH_FAILURES]
-    client = request.remote or "unknown"
+    client = request.app[keys.PROXIES].client(
+        request.remote, request.headers.getall("X-Forwarded-For", [])
+    )
     wait = limiter.retry_after(client)
     if wait > 0:
         raise TooManyRequests(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -84,6 +85,8 @@ class Settings:
     ingest_writers: int = 2
     db_pool_size: int = 4
     backoff_cap_s: float = 5.0
+    # Reverse proxies (addresses or networks) whose X-Forwarded-For names the client.
+    trusted_proxies: tuple[str, ...] = ()
     # Alarm reminders: unacknowledged alarms repeat and escalate every REMIND_AFTER[severity]
     # times this scale; the rules' clock (signal lost, reminders) ticks every `rules_beat_s`.
     remind_scale: float = 1.0
@@ -167,9 +170,27 @@ class Settings:
             flush_interval_s=number("FLUSH_INTERVAL_S", defaults.flush_interval_s, float),
             ingest_writers=int(number("INGEST_WRITERS", defaults.ingest_writers, int)),
             db_pool_size=int(number("DB_POOL_SIZE", defaults.db_pool_size, int)),
+            trusted_proxies=_networks(env.get("COLDCHAIN_TRUSTED_PROXIES", "")),
             remind_scale=number("REMIND_SCALE", defaults.remind_scale, float),
             rules_beat_s=number("RULES_BEAT_S", defaults.rules_beat_s, float),
             dashboard_dir=Path(env["COLDCHAIN_DASHBOARD_DIR"])
             if env.get("COLDCHAIN_DASHBOARD_DIR")
             else defaults.dashboard_dir,
         )
+
+
+def _networks(raw: str) -> tuple[str, ...]:
+    """COLDCHAIN_TRUSTED_PROXIES: comma-separated addresses or networks (CIDR)."""
+    networks = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError as exc:
+            raise ConfigError(
+                "COLDCHAIN_TRUSTED_PROXIES must be addresses or networks (e.g. 10.0.0.0/8), "
+                f"comma-separated; got {item!r}"
+            ) from exc
+    return tuple(networks)

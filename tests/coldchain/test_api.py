@@ -17,8 +17,10 @@ import pytest
 
 from coldchain.api import permission_of
 from coldchain.app import create_app
-from coldchain.auth import ROLE_PERMISSIONS, Role, new_token, token_hash
+from coldchain.auth import ROLE_PERMISSIONS, Proxies, Role, new_token, token_hash
+from coldchain.errors import ConfigError
 from coldchain.openapi import OPERATIONS, document
+from coldchain.settings import Settings
 from coldchain.store import IncomingReading, Store
 from routing import example_network
 from sensors import Reading
@@ -171,6 +173,67 @@ async def test_repeated_failed_sign_ins_are_rate_limited(api: Api) -> None:
         # The address is blocked for a while, good token or not; it says when to retry.
         assert r.status == 429
         assert int(r.headers["Retry-After"]) > 0
+
+
+async def test_without_trusted_proxies_x_forwarded_for_is_ignored(api: Api) -> None:
+    # A client that names a new address each time is still counted as the address it is.
+    statuses = [
+        (
+            await api.call(
+                "GET",
+                "/api/v1/shipments",
+                as_="unknown",
+                headers={"X-Forwarded-For": f"203.0.113.{i}"},
+            )
+        )[0]
+        for i in range(21)
+    ]
+    assert statuses == [401] * 20 + [429]
+
+
+def test_trusted_proxies_come_from_the_environment_and_bad_ones_are_refused() -> None:
+    env = {"COLDCHAIN_TRUSTED_PROXIES": " 10.0.0.1, 192.168.0.0/16,,::1 "}
+    assert Settings.from_env(env).trusted_proxies == ("10.0.0.1/32", "192.168.0.0/16", "::1/128")
+    assert Settings.from_env({}).trusted_proxies == ()
+    with pytest.raises(ConfigError, match="COLDCHAIN_TRUSTED_PROXIES .*'10.0.0.300'"):
+        Settings.from_env({"COLDCHAIN_TRUSTED_PROXIES": "10.0.0.1,10.0.0.300"})
+
+
+def test_the_client_is_the_nearest_hop_that_is_not_a_trusted_proxy() -> None:
+    proxies = Proxies(["10.0.0.0/8"])
+    assert proxies.client("192.0.2.1", ["198.51.100.1"]) == "192.0.2.1"  # not via a proxy
+    assert proxies.client("10.1.2.3", ["198.51.100.1"]) == "198.51.100.1"
+    assert proxies.client("10.1.2.3", ["made-up, 198.51.100.1, 10.9.9.9"]) == "198.51.100.1"
+    assert proxies.client("10.1.2.3", ["198.51.100.1", "10.0.0.6"]) == "198.51.100.1"
+    assert proxies.client("10.1.2.3", ["10.0.0.5, 10.0.0.6"]) == "10.0.0.5"
+    assert proxies.client("10.1.2.3", []) == "10.1.2.3"
+    assert proxies.client("::ffff:10.1.2.3", ["198.51.100.1"]) == "198.51.100.1"
+    assert proxies.client(None, ["198.51.100.1"]) == "unknown"
+    assert Proxies().client("10.1.2.3", ["198.51.100.1"]) == "10.1.2.3"
+
+
+async def test_behind_a_trusted_proxy_each_client_has_its_own_limit(
+    api: Api, mqtt_url: str, unique: str
+) -> None:
+    settings = service_settings(
+        api.database_url, mqtt_url, f"proxy-{unique}", trusted_proxies=("127.0.0.0/8",)
+    )
+    async with running_service(settings) as base:
+        behind = Api(base, api.store, api.database_url, api.tokens, api.session)
+
+        async def status(as_: str, forwarded_for: str) -> int:
+            code, _ = await behind.call(
+                "GET", "/api/v1/shipments", as_=as_, headers={"X-Forwarded-For": forwarded_for}
+            )
+            return code
+
+        assert [await status("unknown", "203.0.113.7") for _ in range(21)] == [401] * 20 + [429]
+        # Another client behind the same proxy signs in as usual...
+        assert await status("admin", "198.51.100.9") == 200
+        # ...and the blocked one cannot get out by writing another address in front of its own,
+        # nor by passing through a second trusted proxy.
+        assert await status("admin", "198.51.100.9, 203.0.113.7") == 429
+        assert await status("admin", "203.0.113.7, 127.0.0.2") == 429
 
 
 async def test_a_revoked_token_stops_working_at_once(api: Api) -> None:
