@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -81,13 +81,42 @@ def looks_like_token(token: str) -> bool:
 
 
 class FailureLimiter:
-    """At most `limit` failed authentications per client in a sliding `window_s`."""
+    """At most `limit` failed authentications per client in a sliding `window_s`.
 
-    def __init__(self, limit: int = 20, window_s: float = 60.0, max_clients: int = 10_000) -> None:
+    A blocked address is refused without looking at its token, except for tokens that have
+    signed in successfully before (`vouch`): behind a NAT, one client's failures would
+    otherwise lock out everyone sharing the address, operators acknowledging alarms included.
+    Such a token is still checked against the database on every request, so revoking it takes
+    effect at once; a token never seen working waits out the block, so a blocked address cannot
+    make the database check guesses."""
+
+    def __init__(
+        self,
+        limit: int = 20,
+        window_s: float = 60.0,
+        max_clients: int = 10_000,
+        max_vouched: int = 10_000,
+    ) -> None:
         self.limit = limit
         self.window_s = window_s
         self._max_clients = max_clients
         self._failures: dict[str, deque[float]] = {}
+        self._max_vouched = max_vouched
+        self._vouched: OrderedDict[bytes, None] = OrderedDict()
+
+    def vouch(self, token_digest: bytes) -> None:
+        """The token with this hash signed in: let it through blocked addresses from now on."""
+        self._vouched[token_digest] = None
+        self._vouched.move_to_end(token_digest)
+        if len(self._vouched) > self._max_vouched:
+            self._vouched.popitem(last=False)
+
+    def forget(self, token_digest: bytes) -> None:
+        """The token with this hash was refused (revoked, expired): vouch for it no more."""
+        self._vouched.pop(token_digest, None)
+
+    def vouched(self, token_digest: bytes) -> bool:
+        return token_digest in self._vouched
 
     def retry_after(self, client: str) -> float:
         """Seconds until `client` may try again; 0 when it may try now."""

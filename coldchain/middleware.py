@@ -72,11 +72,6 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     client = request.app[keys.PROXIES].client(
         request.remote, request.headers.getall("X-Forwarded-For", [])
     )
-    wait = limiter.retry_after(client)
-    if wait > 0:
-        raise TooManyRequests(
-            f"too many failed authentications from this address; try again in {wait:.0f} s", wait
-        )
     header = request.headers.get("Authorization", "")
     if not header and request.headers.get("Upgrade", "").lower() == "websocket":
         # Browsers cannot set headers on a WebSocket: the token may come as ?token=.
@@ -84,19 +79,29 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         header = f"Bearer {query_token}" if query_token else ""
     scheme, _, token = header.partition(" ")
     token = token.strip()
+    well_formed = scheme.lower() == "bearer" and looks_like_token(token)
+    digest = token_hash(token) if well_formed else b""
+    wait = limiter.retry_after(client)
+    if wait > 0 and not (well_formed and limiter.vouched(digest)):
+        # Blocked: only a token that has signed in before gets through (see FailureLimiter).
+        raise TooManyRequests(
+            f"too many failed authentications from this address; try again in {wait:.0f} s", wait
+        )
     if not header:
         raise Unauthorized(
             "this endpoint needs Authorization: Bearer <token> "
             "(make one with `coldchain token create`)"
         )
-    if scheme.lower() != "bearer" or not looks_like_token(token):
+    if not well_formed:
         limiter.failed(client)
         raise Unauthorized("malformed Authorization header: expected Bearer <token>")
     try:
-        actor = await request.app[keys.STORE].actor_for(token_hash(token))
+        actor = await request.app[keys.STORE].actor_for(digest)
     except TokenRejected as exc:
         limiter.failed(client)
+        limiter.forget(digest)
         raise Unauthorized(str(exc)) from exc
+    limiter.vouch(digest)
     if not actor.may(permission):
         raise Forbidden(f"role {actor.role} may not do this (needs '{permission}')")
     request[keys.ACTOR] = actor
