@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 from aiohttp import web
 
-from coldchain import keys
+from coldchain import keys, lanes
 from coldchain.alarms import Alarm, AlarmState, Channel, Recipient
 from coldchain.auth import ROLE_PERMISSIONS, Actor, Permission, new_token, token_hash
 from coldchain.errors import BadRequest, Conflict, NoFeasibleRoute, NotFound
@@ -878,6 +878,16 @@ async def dead_letters(request: web.Request) -> web.Response:
     if rows and len(rows) == limit:
         next_link = f"/api/v1/dead-letters?limit={limit}&before={rows[-1].id}"
     return reply(DeadLetterPage([_dead_letter_out(d) for d in rows], next_link))
+
+
+@routes.get("/api/v1/lanes/stats")
+@requires(Permission.READ)
+async def lanes_stats(request: web.Request) -> web.Response:
+    """On-time rate, excursion rate, transit time and hold margin at delivery per lane, over the
+    shipments delivered in [`from`, `to`) (default: the 90 days to now; see coldchain.lanes)."""
+    since, until = lanes.period(_instant(request, "from"), _instant(request, "to"))
+    delivered = await request.app[keys.STORE].delivered_shipments(since, until)
+    return reply(lanes.summarise(delivered, since, until))
 
 
 @routes.get("/api/v1/audit")

@@ -238,6 +238,21 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _lanes(args: argparse.Namespace, settings: Settings) -> int:
+    import msgspec
+
+    from coldchain import lanes
+
+    since, until = lanes.period(args.since, args.until)
+    rows = _store_call(settings, lambda store: store.delivered_shipments(since, until))
+    page = lanes.summarise(rows, since, until)
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(page), indent=2))
+    else:
+        print(lanes.to_text(page))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coldchain",
@@ -363,6 +378,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="file to write, - for standard output (default: standard output; for pdf, "
         "SHIPMENT-report.pdf)",
     )
+
+    lane = command(
+        "lanes",
+        _lanes,
+        "lane statistics: on-time rate, excursion rate, transit time and hold margin at "
+        "delivery per origin and destination",
+    )
+    lane.add_argument(
+        "--from",
+        dest="since",
+        type=_instant_arg,
+        default=None,
+        help="delivered at or after (default: 90 days before --to)",
+    )
+    lane.add_argument(
+        "--to",
+        dest="until",
+        type=_instant_arg,
+        default=None,
+        help="delivered before (default: now)",
+    )
+    lane.add_argument("--json", action="store_true", help="JSON instead of a table")
 
     demo = command(
         "demo",

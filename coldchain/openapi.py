@@ -215,6 +215,17 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
     ),
     Operation(
         "get",
+        "/api/v1/lanes/stats",
+        api.lanes_stats,
+        "Per lane: on-time rate, excursion rate, transit time, hold margin at delivery",
+        schemas.LaneStatsPage,
+        params=(
+            Param("from", "query", _TIME, "start of the period (default: 90 days before `to`)"),
+            Param("to", "query", _TIME, "end of the period, exclusive (default: now)"),
+        ),
+    ),
+    Operation(
+        "get",
         "/api/v1/audit",
         api.audit,
         "The append-only audit trail (admins)",

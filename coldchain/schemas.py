@@ -11,6 +11,7 @@ from msgspec import Meta
 
 from coldchain.alarms import Alarm, AlarmChange
 from coldchain.auth import Role
+from coldchain.lanes import LaneStatsPage as LaneStatsPage
 from coldchain.profiles import Profile, Severity
 from coldchain.shipments import EventType, Status
 

@@ -34,7 +34,8 @@ from coldchain.alarms import (
 )
 from coldchain.auth import Actor, Role
 from coldchain.errors import BadRequest, Conflict, NotFound, StoreUnavailable, Unstorable
-from coldchain.profiles import BUILT_IN, Profile, Severity
+from coldchain.lanes import DeliveredShipment
+from coldchain.profiles import BUILT_IN, ENGINE_RULES, Profile, Severity
 from coldchain.shipments import AuditEntry, CustodyEvent, EventType, Shipment, Status, next_status
 from routing import Flight, Lane, LaneMode, ReceivingHours, Site, SiteKind
 from sensors import Reading
@@ -2171,6 +2172,29 @@ class Store(ShipmentStore):
         ]
 
     # Rule state ------------------------------------------------------------------------------
+
+    async def delivered_shipments(
+        self, since: datetime, until: datetime
+    ) -> list[DeliveredShipment]:
+        """Shipments delivered in [`since`, `until`), for lane statistics (`coldchain.lanes`):
+        whether each had an excursion (a major or critical alarm on a profile limit, not
+        withdrawn), and its rule state as the rules last saw it."""
+        engine_rules = sorted(ENGINE_RULES)
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT s.id, s.origin, s.destination, s.starts_at, s.ends_at AS delivered_at,"
+                " s.deliver_by,"
+                " EXISTS (SELECT 1 FROM alarms a WHERE a.shipment_id = s.id"
+                "   AND a.state <> 'void' AND a.severity IN ('major', 'critical')"
+                "   AND NOT (a.rule = ANY($3::text[]))) AS excursion,"
+                " r.state AS rule_state"
+                " FROM shipments s LEFT JOIN rule_state r ON r.shipment_id = s.id"
+                " WHERE s.status = 'delivered' AND s.ends_at >= $1 AND s.ends_at < $2",
+                since,
+                until,
+                engine_rules,
+            )
+        return [DeliveredShipment(**r) for r in rows]
 
     async def rule_states(self, shipment_ids: Sequence[str]) -> dict[str, tuple[bytes, datetime]]:
         async with self._connection() as conn:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import asyncpg
@@ -19,9 +20,11 @@ from coldchain.api import permission_of
 from coldchain.app import create_app
 from coldchain.auth import ROLE_PERMISSIONS, Proxies, Role, new_token, token_hash
 from coldchain.errors import ConfigError
+from coldchain.excursions import Ln2Fit, RuleState, encode_state
 from coldchain.openapi import OPERATIONS, document
+from coldchain.profiles import Severity
 from coldchain.settings import Settings
-from coldchain.store import IncomingReading, Store
+from coldchain.store import IncomingReading, Store, Transition
 from routing import example_network
 from sensors import Reading
 from tests.support import running_service, service_settings
@@ -625,7 +628,6 @@ async def test_hostile_ids_get_a_4xx_and_are_stored_nowhere(api: Api, bad: str) 
         "POST", "/api/v1/shipments", body=new_shipment(id=bad, dewar_id=bad)
     )
     assert status == 400, reply
-    from urllib.parse import quote
 
     status, reply = await api.call("GET", f"/api/v1/shipments/{quote(bad, safe='')}")
     assert status in (400, 404)
@@ -883,3 +885,111 @@ async def test_a_shipment_cannot_start_before_the_dewar_s_previous_one_ended(api
     assert status == 409, reply
     assert first["id"] in reply["error"]["message"]
     assert "the shipment's start" in reply["error"]["message"]
+
+
+# Lane statistics ----------------------------------------------------------------------------
+
+
+async def _delivered(
+    api: Api,
+    dewar: str,
+    destination: str,
+    packed: datetime,
+    delivered: datetime,
+    deliver_by: datetime | None,
+) -> str:
+    body = new_shipment(dewar, destination=destination)
+    body["deliver_by"] = None if deliver_by is None else deliver_by.isoformat()
+    status, created = await api.call("POST", "/api/v1/shipments", body=body)
+    assert status == 201, created
+    path = f"/api/v1/shipments/{created['id']}/events"
+    for kind, at in (("packed", packed), ("picked_up", packed), ("delivered", delivered)):
+        status, out = await api.call("POST", path, body={"type": kind, "at": at.isoformat()})
+        assert status == 201, out
+    return str(created["id"])
+
+
+async def _alarm(api: Api, shipment_id: str, rule: str, severity: Severity, kind: str) -> None:
+    shipment = await api.store.shipment(shipment_id)
+    at = shipment.starts_at + timedelta(hours=1)
+    key = f"{rule}@{at.isoformat()}"
+    transition = Transition(key, rule, severity, kind, at, at, 1.0, 0.0, rule)
+    await api.store.apply_transitions(shipment, [transition])
+
+
+def _state_with_depletion(depletion: datetime) -> bytes:
+    state = RuleState()
+    micros = round(depletion.timestamp() * 1_000_000)
+    state.current.ln2_fit = Ln2Fit(micros - 3_600_000_000, 40.0, 1.0, micros, None, None, False)
+    return encode_state(state)
+
+
+async def test_lane_statistics_count_on_time_excursions_transit_and_hold_margin(
+    api: Api,
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    delivered = now - timedelta(hours=1)
+    packed = delivered - timedelta(hours=20)  # events may go back a day before creation
+    on_time = await _delivered(
+        api, "DW-L1", DESTINATION, packed, delivered, delivered + timedelta(hours=1)
+    )
+    late = await _delivered(
+        api, "DW-L2", DESTINATION, packed, delivered, delivered - timedelta(hours=1)
+    )
+    undated = await _delivered(
+        api, "DW-L3", DESTINATION, packed - timedelta(hours=2), delivered, None
+    )
+    other = await _delivered(api, "DW-L4", "TC-MSK", packed, delivered, None)
+    _, cancelled = await api.call("POST", "/api/v1/shipments", body=new_shipment("DW-L5"))
+    await api.call(
+        "POST", f"/api/v1/shipments/{cancelled['id']}/events", body={"type": "cancelled"}
+    )
+    # An excursion: a major alarm on a limit. Not one: a major alarm of the engine's own (signal
+    # lost), a warning on a limit, a critical alarm that late readings withdrew.
+    await _alarm(api, on_time, "temp_high", Severity.MAJOR, "raised")
+    await _alarm(api, late, "signal_lost", Severity.MAJOR, "raised")
+    await _alarm(api, late, "shock", Severity.WARNING, "raised")
+    await _alarm(api, undated, "temp_glass_transition", Severity.CRITICAL, "raised")
+    await _alarm(api, undated, "temp_glass_transition", Severity.CRITICAL, "retracted")
+    await _alarm(api, other, "ln2_low", Severity.CRITICAL, "raised")
+    await api.store.save_rule_states(
+        [
+            (on_time, _state_with_depletion(delivered + timedelta(hours=30)), now),
+            (late, _state_with_depletion(delivered + timedelta(hours=10)), now),
+        ]
+    )
+
+    status, page = await api.call("GET", "/api/v1/lanes/stats", as_="viewer")
+    assert status == 200, page
+    assert page["delivered"] == 4
+    lanes = {(lane["origin"], lane["destination"]): lane for lane in page["lanes"]}
+    assert list(lanes) == [(ORIGIN, DESTINATION), (ORIGIN, "TC-MSK")]  # busiest first
+    assert lanes[ORIGIN, DESTINATION] == {
+        "origin": ORIGIN,
+        "destination": DESTINATION,
+        "delivered": 3,
+        "with_deadline": 2,
+        "on_time": 1,
+        "on_time_rate": 0.5,
+        "with_excursion": 1,
+        "excursion_rate": pytest.approx(1 / 3),
+        "transit_hours_median": 20.0,
+        "transit_hours_max": 22.0,
+        "with_forecast": 2,
+        "hold_margin_hours_min": pytest.approx(10.0),
+        "hold_margin_hours_median": pytest.approx(20.0),
+    }
+    assert lanes[ORIGIN, "TC-MSK"]["with_excursion"] == 1
+    assert lanes[ORIGIN, "TC-MSK"]["on_time_rate"] is None
+    assert lanes[ORIGIN, "TC-MSK"]["hold_margin_hours_min"] is None
+
+    # The period is by delivery time, `to` exclusive.
+    later = (delivered + timedelta(seconds=1)).isoformat()
+    status, page = await api.call("GET", f"/api/v1/lanes/stats?from={quote(later)}")
+    assert (status, page["delivered"], page["lanes"]) == (200, 0, [])
+    status, page = await api.call("GET", f"/api/v1/lanes/stats?to={quote(delivered.isoformat())}")
+    assert (status, page["delivered"]) == (200, 0)
+    status, page = await api.call(
+        "GET", f"/api/v1/lanes/stats?from={quote(now.isoformat())}&to={quote(later)}"
+    )
+    assert status == 400 and "`to` must be after `from`" in page["error"]["message"]

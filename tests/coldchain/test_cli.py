@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+
+from coldchain.auth import Actor, Role
+from coldchain.shipments import EventType, Shipment, Status
+from coldchain.store import Store
+from routing import example_network
 
 pytestmark = pytest.mark.postgres
 
@@ -60,3 +67,51 @@ def test_a_role_postgresql_refuses_is_one_line_without_the_password(
     (line,) = result.stderr.splitlines()
     assert line.startswith("coldchain migrate: ") and user in line
     assert "s3cret-pass" not in result.stderr + result.stdout
+
+
+async def test_lanes_prints_each_lane_and_refuses_a_period_that_ends_first(
+    database_url: str, store: Store
+) -> None:
+    await store.import_sites(list(example_network().sites.values()), "test")
+    admin = Actor(0, "test", Role.ADMIN)
+    now = datetime.now(UTC).replace(microsecond=0)
+    for i, deliver_by in enumerate((now + timedelta(hours=1), now - timedelta(hours=3))):
+        shipment = await store.create_shipment(
+            Shipment(f"SH-LANE-{i}", f"DW-LANE-{i}", "cryo-vapor", "MFG-MPN", "TC-NKI",
+                     deliver_by, None, None, Status.CREATED, now, "test", now, None),
+            admin,
+        )  # fmt: skip
+        for kind, at in (
+            (EventType.PACKED, now - timedelta(hours=12)),
+            (EventType.PICKED_UP, now - timedelta(hours=11)),
+            (EventType.DELIVERED, now - timedelta(hours=2)),
+        ):
+            await store.record_event(shipment.id, kind, at, None, None, admin)
+
+    table = run_cli(database_url, "lanes")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith("2 shipment(s) delivered ")
+    assert lines[2].split() == [
+        "lane", "delivered", "on", "time", "excursions", "transit", "h", "(median/max)",
+        "hold", "margin", "h",
+    ]  # fmt: skip
+    assert lines[3].split() == ["MFG-MPN", "->", "TC-NKI", "2", "1/2", "(50%)", "0", "(0%)",
+                                "10.0/10.0", "-"]  # fmt: skip
+
+    as_json = run_cli(
+        database_url, "lanes", "--json", "--from", (now - timedelta(hours=1)).isoformat()
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["delivered"] == 0  # delivered before the period
+
+    backwards = run_cli(
+        database_url,
+        "lanes",
+        "--from",
+        now.isoformat(),
+        "--to",
+        (now - timedelta(days=1)).isoformat(),
+    )
+    assert backwards.returncode != 0
+    assert backwards.stderr.strip() == "coldchain lanes: `to` must be after `from`"
