@@ -14,6 +14,9 @@ import pytest
 from pypdf import PdfReader
 
 from coldchain.auth import Role
+from coldchain.excursions import Ln2Fit, RuleState, encode_state
+from coldchain.profiles import Severity
+from coldchain.store import Store, Transition
 from sensors import Reading, encode_reading, telemetry_topic
 from tests.e2e.conftest import Dashboard, open_dashboard, page_errors, screenshot
 from tests.support import eventually, publish_all
@@ -258,4 +261,51 @@ async def test_the_shipment_screen_shows_its_planned_route_and_eta(
     assert "ETA" in text and route["planned_by"] in text
     await page.wait_for_selector('#shipment-map[data-ready="true"][data-route="true"]')
     await screenshot(page, "shipment-route")
+    assert page_errors(page) == []
+
+
+async def test_the_lanes_screen_shows_each_lane_and_marks_a_thin_ln2_margin(
+    dashboard: Dashboard, browser: Browser, database_url: str
+) -> None:
+    delivered = []
+    for i in range(3):
+        sid = await dashboard.shipment(f"DW-LANE{i}{uuid.uuid4().hex[:4].upper()}")
+        await dashboard.call(
+            "POST", f"/shipments/{sid}/events", role=Role.OPERATOR, body={"type": "delivered"}
+        )
+        delivered.append(sid)
+    store = await Store.open(database_url, max_size=1)
+    try:
+        first = await store.shipment(delivered[0])
+        at = first.starts_at
+        await store.apply_transitions(
+            first, [Transition(f"temp_high@{at}", "temp_high", Severity.MAJOR, "raised",
+                               at, at, -140.0, -150.0, "above -150 °C for 5 minutes")],
+        )  # fmt: skip
+        # The LN2 forecast the rules kept: running out 12 h after delivery, on one shipment.
+        state = RuleState()
+        depletion = round((datetime.now(UTC) + timedelta(hours=12)).timestamp() * 1e6)
+        state.current.ln2_fit = Ln2Fit(depletion, 30.0, 2.5, depletion, None, None, False)
+        await store.save_rule_states([(delivered[1], encode_state(state), datetime.now(UTC))])
+    finally:
+        await store.close()
+
+    page = await open_dashboard(browser, dashboard, Role.VIEWER)
+    await page.click('nav a[data-screen="lanes"]')
+    row = page.locator('#lanes-table tr[data-lane="MFG-MPN>TC-CHA"]')
+    await row.wait_for()
+    cells = [c.strip() for c in await row.locator("th, td").all_inner_texts()]
+    assert cells[0].endswith("MFG-MPN → TC-CHA") and not cells[0].startswith("MFG-MPN")
+    assert cells[1:4] == ["3", "100 % (3 of 3)", "33 % (1)"]
+    assert cells[5].split() == ["thin", "12", "/", "12"]
+    assert await row.get_attribute("class") == "row-warning"
+    assert (
+        "3 shipment(s) delivered on 1 lane(s)." in await page.locator("#lanes-status").inner_text()
+    )
+    await screenshot(page, "lanes")
+    # A period with nothing delivered says so.
+    await page.fill("#lanes-to", "2026-01-31")
+    await page.fill("#lanes-from", "2026-01-01")
+    await page.click("#lanes-form button[type=submit]")
+    await page.locator("#lanes-table >> text=No shipment was delivered in this period.").wait_for()
     assert page_errors(page) == []

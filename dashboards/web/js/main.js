@@ -10,6 +10,7 @@ import { mapScreen } from "./mapscreen.js";
 import { shipmentScreen } from "./shipment.js";
 import { alarmsScreen } from "./alarms.js";
 import { routesScreen } from "./routes.js";
+import { lanesScreen } from "./lanes.js";
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "coldchain-token";
@@ -133,7 +134,7 @@ function route() {
   }
   const root = h("div", { dataset: { screen } });
   fill($("screen"), root);
-  const screens = { fleet: fleetScreen, map: mapScreen, alarms: alarmsScreen, routes: routesScreen };
+  const screens = { fleet: fleetScreen, map: mapScreen, alarms: alarmsScreen, routes: routesScreen, lanes: lanesScreen };
   if (screen === "shipment" && arg) leave = shipmentScreen(root, ctx, arg);
   else leave = (screens[screen] || fleetScreen)(root, ctx);
   document.title = document.title; // keep the badge
