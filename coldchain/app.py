@@ -110,6 +110,12 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     topics = [TELEMETRY_FILTER, STATUS_FILTER]
     if settings.mqtt_shared_group:
         topics = [shared(t, settings.mqtt_shared_group) for t in topics]
+        logger.warning(
+            "sharing telemetry with the other instances of group %r: every reading is stored "
+            "once, but this instance's rules see only the readings it takes, so alarms are "
+            "evaluated on part of each dewar's stream (see README, Deployment)",
+            settings.mqtt_shared_group,
+        )
     broker = BrokerLink(
         settings.mqtt,
         client_id=settings.mqtt_client_id,
