@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -495,3 +496,36 @@ async def test_reads_pause_at_the_outstanding_limit_and_resume_once_it_is_commit
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await writer
+
+
+async def test_instances_sharing_a_group_store_every_reading_once_between_them(
+    database_url: str, mqtt_url: str, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    group = f"g{unique}"
+    first, second = (
+        service_settings(database_url, mqtt_url, f"{name}-{unique}", mqtt_shared_group=group)
+        for name in ("a", "b")
+    )
+    start = datetime.now(UTC) - timedelta(hours=3)
+    dewars = [f"DW-{unique}-{i}" for i in range(4)]
+    messages = [
+        (telemetry_topic(d), encode_reading(r)) for d in dewars for r in readings(100, start=start)
+    ]
+    with caplog.at_level(logging.WARNING, logger="coldchain.app"):
+        async with running_service(first) as a, running_service(second) as b:
+            publish_all(mqtt_url, messages, client_id=f"pub-{unique}")
+
+            async def stored() -> int:
+                return await count_rows(
+                    database_url, "SELECT count(*) FROM readings WHERE dewar_id = ANY($1)", dewars
+                )
+
+            await eventually(stored, lambda n: n == len(messages))
+            received = [await metric(u, "coldchain_ingest_readings_received_total") for u in (a, b)]
+            taken = [await metric(u, "coldchain_ingest_readings_stored_total") for u in (a, b)]
+    # The broker dealt the stream between the two (neither got all of it, nor any twice), and
+    # each reading was stored by the one that got it.
+    assert all(n > 0 for n in received) and sum(received) == len(messages), received
+    assert taken == received
+    assert await stored() == len(messages)
+    assert "this instance's rules see only the readings it takes" in caplog.text
