@@ -64,6 +64,7 @@ STAGES = (
     ("alarm write", "coldchain_alarm_write_seconds"),
     ("outbox claim", "coldchain_outbox_claim_seconds"),
     ("outbox to sent", "coldchain_notification_delay_seconds"),
+    ("event loop lag", "coldchain_event_loop_lag_seconds"),
 )
 
 

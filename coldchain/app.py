@@ -4,9 +4,10 @@ context that starts, yields, and stops, so cleanup runs only for what started.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -43,6 +44,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(api.routes)
     app.add_routes(openapi.routes)
     _serve_dashboard(app, settings)
+    app.cleanup_ctx.append(_loop_lag)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_ingest)
     app.cleanup_ctx.append(_alerting)
@@ -170,6 +172,34 @@ def _reading_event(item: IncomingReading) -> dict[str, object]:
         "lat": r.lat,
         "lon": r.lon,
     }
+
+
+#: How often the event loop's lag is sampled.
+LOOP_TICK_S: Final = 0.05
+
+
+async def _loop_lag(app: web.Application) -> AsyncIterator[None]:
+    """Sample how late the event loop runs a timer: the wait that every callback, database
+    reply and alarm step has on top of its own work. Under load this, more than any one stage,
+    is where alert latency goes (`docs/alarms.md`)."""
+    lag = app[keys.METRICS].histogram(
+        "coldchain_event_loop_lag_seconds",
+        f"How late the event loop ran a timer due every {LOOP_TICK_S * 1000:.0f} ms",
+        (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+    )
+
+    async def sample() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + LOOP_TICK_S
+            await asyncio.sleep(LOOP_TICK_S)
+            lag.observe(max(0.0, loop.time() - due))
+
+    task = supervise(sample(), "event loop lag")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _alerting(app: web.Application) -> AsyncIterator[None]:

@@ -3,6 +3,7 @@ custody, telemetry windows, profiles, sites, the audit trail, and hostile input.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
@@ -164,6 +165,20 @@ async def test_every_route_of_the_application_is_documented(api: Api) -> None:
         )
     }
     assert routes == documented
+
+
+async def test_metrics_sample_the_event_loop_lag(api: Api) -> None:
+    async def lag_samples() -> float:
+        async with api.session.get(api.base + "/metrics") as response:
+            text = await response.text()
+        (line,) = (
+            x for x in text.splitlines() if x.startswith("coldchain_event_loop_lag_seconds_count ")
+        )
+        return float(line.split()[1])
+
+    first = await lag_samples()
+    await asyncio.sleep(0.3)  # six ticks of 50 ms
+    assert await lag_samples() >= first + 3
 
 
 async def test_repeated_failed_sign_ins_are_rate_limited(api: Api) -> None:
