@@ -3,9 +3,12 @@ with its limits drawn and the alarms shaded, the limits table, LN2 and handling,
 with every acknowledgement, and the custody log.
 
 Drawn with fpdf2's vector primitives, so the plot stays sharp at any zoom and nothing but fpdf2
-is needed. Text is set in DejaVu Sans where the machine has it (any script a person may type in a
-comment); otherwise in the PDF core font Helvetica, which covers Latin-1 only, so characters
-outside it are shown as "?" (the JSON and CSV formats always carry the exact text).
+is needed. Text is set in DejaVu Sans where the machine has it (Latin, Greek, Cyrillic, Arabic,
+Hebrew...), with WenQuanYi Micro Hei (or Droid Sans Fallback, which has no Hangul) for what
+DejaVu lacks, Chinese, Japanese and Korean site names and comments, where that is installed too;
+otherwise in the PDF core font Helvetica, which covers
+Latin-1 only, so characters outside it are shown as "?" (the JSON and CSV formats always carry
+the exact text).
 CPU-bound: callers run `render` in a thread.
 """
 
@@ -49,6 +52,19 @@ LN2_LINE: Final[Colour] = (0, 128, 128)
 _TICKS: Final = tuple(timedelta(hours=h) for h in (0.25, 0.5, 1, 2, 3, 6, 12, 24, 48, 96, 168, 336))
 
 
+#: Fonts for the characters DejaVu Sans has no glyph for, first found first: WenQuanYi Micro Hei
+#: covers Han, kana and Hangul (Debian: fonts-wqy-microhei); Droid Sans Fallback all but Hangul
+#: (fonts-droid-fallback). TrueType outlines, which fpdf2 embeds as subsets.
+_FALLBACK_FONTS: Final = (
+    Path("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"),
+    Path("/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf"),
+)
+
+
+def _find_fallbacks() -> list[Path]:
+    return [f for f in _FALLBACK_FONTS if f.is_file()]
+
+
 def _find_font() -> tuple[Path, Path] | None:
     for folder in _FONT_DIRS:
         regular, bold = folder / "DejaVuSans.ttf", folder / "DejaVuSans-Bold.ttf"
@@ -74,6 +90,14 @@ class _Document(FPDF):
             self.add_font("DejaVu", "B", str(fonts[1]))
             self.family = "DejaVu"
             self.unicode = True
+            fallbacks = []
+            for i, path in enumerate(_find_fallbacks()):
+                # One face for both weights: a bold CJK name is set in the regular face.
+                self.add_font(f"Fallback{i}", "", str(path))
+                self.add_font(f"Fallback{i}", "B", str(path))
+                fallbacks.append(f"Fallback{i}")
+            if fallbacks:
+                self.set_fallback_fonts(fallbacks)
         self.set_auto_page_break(auto=True, margin=16)
         self.set_margins(14, 14, 14)
         self.set_title(f"Excursion report {report.shipment_id}")

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -35,7 +36,7 @@ from coldchain.report import (
 )
 from coldchain.shipments import Shipment, Status
 from coldchain.store import READING_CSV_COLUMNS, Store
-from routing import example_network
+from routing import airport_site, example_network
 from sensors import Reading, encode_reading, telemetry_topic
 from tests.support import eventually, make_token, publish_all, running_service, service_settings
 
@@ -401,3 +402,28 @@ def _cli(database_url: str, *args: str) -> subprocess.CompletedProcess[bytes]:
         timeout=120,
         check=False,
     )
+
+
+def test_chinese_japanese_and_korean_names_are_written_in_the_pdf() -> None:
+    # A treatment centre in Tokyo, a manufacturing site in Seoul: DejaVu Sans has none of these
+    # glyphs, WenQuanYi Micro Hei has them all. CI installs it; elsewhere the test says so.
+    fonts = pdf._find_font() is not None and pdf._find_fallbacks()[:1] == [pdf._FALLBACK_FONTS[0]]
+    if not fonts:
+        reason = "needs fonts-dejavu-core and fonts-wqy-microhei (apt-get install them)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    profile = next(p for p in BUILT_IN if p.name == "cryo-vapor")
+    rows = [(T0 + timedelta(minutes=i), -190.0 + i % 3, 80.0) for i in range(30)]
+    inputs = _inputs(profile, rows,
+                     T0 + timedelta(minutes=30))  # fmt: skip
+    tokyo = airport_site("HND", customs_minutes=0)
+    inputs = replace(
+        inputs,
+        origin=replace(tokyo, id="MFG-SEOUL", name="서울 세포치료 제조소"),
+        destination=replace(tokyo, id="TC-TOKYO", name="国立がん研究センター中央病院"),
+    )
+    document = pdf.render(build(inputs))
+    text = "\n".join(page.extract_text() for page in PdfReader(io.BytesIO(document)).pages)
+    assert "国立がん研究センター中央病院" in text
+    assert "서울 세포치료 제조소" in text
