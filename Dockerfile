@@ -17,8 +17,10 @@ RUN pip install --no-cache-dir . && useradd --system --no-create-home coldchain
 # A non-editable install cannot find dashboards/ beside its source: name it.
 COPY --from=dashboard /build/dashboards/web /app/dashboards/web
 ENV COLDCHAIN_DASHBOARD_DIR=/app/dashboards/web
-# The PDF reports set their text in DejaVu Sans (any Latin, Greek or Cyrillic a person types).
-RUN apt-get update && apt-get install -y --no-install-recommends fonts-dejavu-core \
+# The PDF reports set their text in DejaVu Sans (any Latin, Greek or Cyrillic a person types),
+# and Chinese, Japanese and Korean in WenQuanYi Micro Hei.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends fonts-dejavu-core fonts-wqy-microhei \
     && rm -rf /var/lib/apt/lists/*
 USER coldchain
 ENV COLDCHAIN_HTTP_HOST=0.0.0.0

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
+from coldchain import pdf
 from coldchain.embedded import free_port, mosquitto_binary, wait_for_port
 from coldchain.settings import Settings
 
@@ -227,3 +228,11 @@ def test_the_image_serves_the_dashboard_with_its_npm_libraries() -> None:
     assert stage is not None and "npm ci --prefix dashboards" in stage.group(1)
     assert copy.group(2).endswith("/dashboards/web")
     assert (ROOT / "dashboards" / "web" / "index.html").is_file()
+
+
+def test_the_image_has_the_fonts_the_pdf_report_looks_for() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    installs = " ".join(re.findall(r"apt-get install ([^&]*)", dockerfile))
+    assert "fonts-dejavu-core" in installs  # /usr/share/fonts/truetype/dejavu
+    assert "fonts-wqy-microhei" in installs
+    assert pdf._FALLBACK_FONTS[0] == Path("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc")
