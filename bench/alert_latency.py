@@ -65,6 +65,7 @@ STAGES = (
     ("outbox claim", "coldchain_outbox_claim_seconds"),
     ("outbox to sent", "coldchain_notification_delay_seconds"),
     ("event loop lag", "coldchain_event_loop_lag_seconds"),
+    ("gc pause", "coldchain_gc_pause_seconds"),
 )
 
 

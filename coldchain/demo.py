@@ -21,7 +21,7 @@ from typing import Final
 from aiohttp import web
 
 from coldchain import keys
-from coldchain.app import create_app
+from coldchain.app import create_app, tune_gc
 from coldchain.auth import Actor, Role, new_token, token_hash
 from coldchain.embedded import EmbeddedBroker, EmbeddedPostgres
 from coldchain.errors import ConfigError
@@ -264,6 +264,7 @@ def demo(settings: Settings, *, dewars: int, speed: float, state_dir: str | None
             "dewars, an open lid, a link loss, an LN2 exhaustion and a stuck sensor",
             "Press Ctrl-C to stop everything.",
         ]
+        tune_gc()
         app = create_app(settings)
 
         async def fleet(app: web.Application) -> AsyncIterator[None]:

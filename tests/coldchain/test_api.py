@@ -4,6 +4,7 @@ custody, telemetry windows, profiles, sites, the audit trail, and hostile input.
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import re
@@ -18,7 +19,7 @@ import asyncpg
 import pytest
 
 from coldchain.api import permission_of
-from coldchain.app import create_app
+from coldchain.app import GC_THRESHOLDS, create_app, tune_gc
 from coldchain.auth import ROLE_PERMISSIONS, Proxies, Role, new_token, token_hash
 from coldchain.errors import ConfigError
 from coldchain.excursions import Ln2Fit, RuleState, encode_state
@@ -167,18 +168,30 @@ async def test_every_route_of_the_application_is_documented(api: Api) -> None:
     assert routes == documented
 
 
-async def test_metrics_sample_the_event_loop_lag(api: Api) -> None:
-    async def lag_samples() -> float:
+async def test_metrics_sample_the_event_loop_lag_and_time_garbage_collections(
+    api: Api,
+) -> None:
+    async def count(name: str) -> float:
         async with api.session.get(api.base + "/metrics") as response:
             text = await response.text()
-        (line,) = (
-            x for x in text.splitlines() if x.startswith("coldchain_event_loop_lag_seconds_count ")
-        )
+        (line,) = (x for x in text.splitlines() if x.startswith(f"coldchain_{name}_count "))
         return float(line.split()[1])
 
-    first = await lag_samples()
+    ticks, pauses = await count("event_loop_lag_seconds"), await count("gc_pause_seconds")
+    gc.collect()
     await asyncio.sleep(0.3)  # six ticks of 50 ms
-    assert await lag_samples() >= first + 3
+    assert await count("event_loop_lag_seconds") >= ticks + 3
+    assert await count("gc_pause_seconds") >= pauses + 1
+
+
+def test_a_serving_process_collects_garbage_far_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert GC_THRESHOLDS[0] >= 50 * before[0]
+    finally:
+        gc.set_threshold(*before)
 
 
 async def test_repeated_failed_sign_ins_are_rate_limited(api: Api) -> None:
