@@ -6,9 +6,8 @@ Drawn with fpdf2's vector primitives, so the plot stays sharp at any zoom and no
 is needed. Text is set in DejaVu Sans where the machine has it (Latin, Greek, Cyrillic, Arabic,
 Hebrew...), with WenQuanYi Micro Hei (or Droid Sans Fallback, which has no Hangul) for what
 DejaVu lacks, Chinese, Japanese and Korean site names and comments, where that is installed too;
-otherwise in the PDF core font Helvetica, which covers
-Latin-1 only, so characters outside it are shown as "?" (the JSON and CSV formats always carry
-the exact text).
+otherwise in the PDF core font Helvetica, which covers Latin-1 only, so characters outside it
+are shown as "?" (the JSON and CSV formats always carry the exact text).
 CPU-bound: callers run `render` in a thread.
 """
 

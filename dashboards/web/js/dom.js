@@ -24,6 +24,11 @@ export function add(el, children) {
   return el;
 }
 
+/** A form field: its label, then the input it names. */
+export function field(id, text, input) {
+  return h("div", {}, h("label", { for: id }, text), input);
+}
+
 /** Replace an element's content with `children`. */
 export function fill(el, ...children) {
   el.replaceChildren();

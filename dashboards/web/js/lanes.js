@@ -1,19 +1,19 @@
 // Lanes: how each origin-destination lane did over the shipments delivered in a period.
 
-import { h, fill, announce } from "./dom.js";
+import { h, fill, field, announce } from "./dom.js";
+import { pct } from "./format.js";
 
 const DAY = 24 * 3600 * 1000;
 // A lane whose smallest LN2 margin at delivery was under this many hours is marked.
 const THIN_MARGIN_H = 24;
 
-const percent = (x) => `${Math.round(x * 100)} %`;
+const percent = (rate) => pct(rate * 100);
 const dateValue = (d) => d.toISOString().slice(0, 10);
 
 export function lanesScreen(root, { api, fleet }) {
   const today = new Date();
   const from = h("input", { id: "lanes-from", type: "date", required: true, value: dateValue(new Date(today - 90 * DAY)) });
   const to = h("input", { id: "lanes-to", type: "date", required: true, value: dateValue(today) });
-  const field = (id, text, input) => h("div", {}, h("label", { for: id }, text), input);
   const form = h("form", { class: "panel form-grid", id: "lanes-form", "aria-label": "Period" },
     field("lanes-from", "Delivered from (UTC)", from),
     field("lanes-to", "to, inclusive (UTC)", to),

@@ -1,6 +1,6 @@
 // Routes: planners ask for alternatives and see them as a table and on the map, or why none fits.
 
-import { h, fill, announce } from "./dom.js";
+import { h, fill, field, announce } from "./dom.js";
 import { hours, localAt, when } from "./format.js";
 import { L, worldMap } from "./basemap.js";
 
@@ -25,7 +25,6 @@ export function routesScreen(root, { api, fleet, who }) {
   const siteOptions = (kindFirst) => sites
     .slice().sort((a, b) => (a.kind === kindFirst ? -1 : 0) - (b.kind === kindFirst ? -1 : 0))
     .map((s) => h("option", { value: s.id }, `${s.name} (${s.id}, ${s.kind})`));
-  const field = (id, text, input) => h("div", {}, h("label", { for: id }, text), input);
   const origin = h("select", { id: "route-origin", required: true }, siteOptions("manufacturing"));
   const destination = h("select", { id: "route-destination", required: true }, siteOptions("treatment_center"));
   // The bundled example network's flights are dated (its week); start there by default.
