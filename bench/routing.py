@@ -13,7 +13,9 @@ version. Both are then frozen out of the cyclic garbage collector (`gc.freeze()`
 long-running service does after loading a network version), so that no query of either side
 pays for a full collection of the other's millions of objects. Nothing here is a pass/fail
 assertion on time; the figures are printed. The machine is shared: take the median of a couple
-of runs.
+of runs. The output says whether the route search ran compiled (`setup.py` compiles it with
+mypyc when it can); for the pure Python figures, reinstall with
+`COLDCHAIN_PURE_PYTHON=1 .venv/bin/pip install -e .` first.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from routing import (
     airport_codes,
     airport_site,
     plan,
+    search,
 )
 from routing.example import synthesize_flights
 
@@ -240,6 +243,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     ms, index = _timed(lambda: RouteIndex(net))
     print(f"planner index build (once per network version): {ms / 1000:.2f} s")
+    print(
+        "route search: "
+        + (
+            "compiled with mypyc (setup.py)"
+            if search.COMPILED
+            else "pure Python (not compiled: see setup.py)"
+        )
+    )
     ms, baseline = _timed(lambda: TimeExpanded(net))
     print(
         f"baseline time-expanded graph build: {ms / 1000:.2f} s "

@@ -78,6 +78,9 @@ MAX_LEGS: Final = 24
 
 _NO_MARGIN: Final = NEVER  # the margin of a route with no finished stretch yet
 
+#: Whether this module runs compiled by mypyc (see `setup.py`) or as the Python source.
+COMPILED: Final = not __file__.endswith(".py")
+
 
 @dataclass(frozen=True, slots=True)
 class Query:
