@@ -9,11 +9,17 @@ RUN npm ci --prefix dashboards
 
 FROM python:3.11-slim
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY coldchain ./coldchain
 COPY sensors ./sensors
 COPY routing ./routing
-RUN pip install --no-cache-dir . && useradd --system --no-create-home coldchain
+# setup.py compiles the route search with mypyc: a C compiler for the install, removed after it.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install --no-cache-dir . \
+    && apt-get purge -y --auto-remove gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --no-create-home coldchain
 # A non-editable install cannot find dashboards/ beside its source: name it.
 COPY --from=dashboard /build/dashboards/web /app/dashboards/web
 ENV COLDCHAIN_DASHBOARD_DIR=/app/dashboards/web

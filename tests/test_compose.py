@@ -230,6 +230,16 @@ def test_the_image_serves_the_dashboard_with_its_npm_libraries() -> None:
     assert (ROOT / "dashboards" / "web" / "index.html").is_file()
 
 
+def test_the_image_builds_the_compiled_route_search() -> None:
+    # setup.py compiles routing.search with mypyc: the image needs the file and a C compiler
+    # for its install (without them it would quietly install the slower pure Python search).
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    copied = " ".join(re.findall(r"^COPY (?!--from)(.*) \./$", dockerfile, re.MULTILINE))
+    assert "setup.py" in copied.split()
+    install = re.search(r"apt-get install ([^&]*)&& pip install", dockerfile)
+    assert install is not None and "gcc" in install.group(1)
+
+
 def test_the_image_has_the_fonts_the_pdf_report_looks_for() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
     installs = " ".join(re.findall(r"apt-get install ([^&]*)", dockerfile))
