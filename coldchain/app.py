@@ -248,7 +248,14 @@ async def _alerting(app: web.Application) -> AsyncIterator[None]:
 
     settings = app[keys.SETTINGS]
     store.remind_scale = settings.remind_scale
-    watch = Watch(store, app[keys.METRICS], on_change=changed, beat_s=settings.rules_beat_s)
+    ingest = app[keys.INGEST]
+    watch = Watch(
+        store,
+        app[keys.METRICS],
+        on_change=changed,
+        beat_s=settings.rules_beat_s,
+        source=ingest,
+    )
     migrated = app[keys.MIGRATED]
 
     async def after_migrations(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -258,9 +265,10 @@ async def _alerting(app: web.Application) -> AsyncIterator[None]:
     async def committed(readings: list[IncomingReading]) -> None:
         if live.clients:
             live.publish("readings", [_reading_event(r) for r in readings])
-        await watch.committed(readings)
 
-    app[keys.INGEST].after_commit(committed)
+    # The rules judge readings as they arrive; the live stream shows them once stored.
+    ingest.feed_arrivals(watch)
+    ingest.after_commit(committed)
     app[keys.WATCH] = watch
     app[keys.DISPATCHER] = dispatcher
     tasks = [

@@ -58,6 +58,17 @@ class BrokerControl(Protocol):
     def resume_reading(self) -> None: ...
 
 
+class ArrivalSink(Protocol):
+    """Takes each message's readings as they arrive, before commit (`coldchain.watch.Watch`)."""
+
+    def arrived(self, readings: list[IncomingReading]) -> None: ...
+
+    @property
+    def backlog(self) -> int:
+        """Readings taken and not yet dealt with: they count against `max_outstanding`."""
+        ...
+
+
 class _StatusMessage(msgspec.Struct, frozen=True):
     state: str
     ts: Timestamp
@@ -75,6 +86,7 @@ class _Parked:
     statuses: list[DewarStatus]
     arrived: float
     packet_id: int | None  # None for QoS 0: nothing to acknowledge
+    index: int = 0  # messages handled before this one
 
 
 class IngestMetrics:
@@ -155,6 +167,10 @@ class Ingest:
         self._max_outstanding = max_outstanding
         self._link: BrokerControl | None = None
         self._after_commit: Callable[[list[IncomingReading]], Awaitable[None]] | None = None
+        self._sink: ArrivalSink | None = None
+        self._handled = 0  # messages ever handled
+        self._settled = 0  # messages handled before the oldest not yet committed
+        self._settling = asyncio.Event()
         self._paused = False
         self.metrics = IngestMetrics(registry)
         registry.gauge(
@@ -172,6 +188,33 @@ class Ingest:
         """Called with each committed batch's new readings, after they are acknowledged (the
         rules and the live stream); the writer waits for it, so it pushes back on ingest."""
         self._after_commit = hook
+
+    def feed_arrivals(self, sink: ArrivalSink) -> None:
+        """Hand each message's valid readings to `sink` as soon as they are parsed, before they
+        are committed (the rules: an alarm need not wait for its batch to be written). What the
+        sink holds counts against `max_outstanding`; it calls `relieved` as it catches up."""
+        self._sink = sink
+
+    async def settled(self) -> None:
+        """Return once every message handled so far is committed, or refused for good (what
+        the rules wait for before they read readings back from the store)."""
+        target = self._handled
+        while self._settled < target:
+            self._settling.clear()
+            await self._settling.wait()
+
+    def relieved(self) -> None:
+        """The sink caught up on some readings: read from the broker again if there is room."""
+        self._maybe_resume()
+
+    def _held(self) -> int:
+        return self.outstanding + (self._sink.backlog if self._sink is not None else 0)
+
+    def _maybe_resume(self) -> None:
+        if self._link is not None and self._paused and self._held() <= self._max_outstanding // 2:
+            self._paused = False
+            logger.debug("down to %d held messages: reading from the broker again", self._held())
+            self._link.resume_reading()
 
     def attach(self, link: BrokerControl) -> None:
         """The broker link: told which messages to acknowledge after each commit, to stop
@@ -216,20 +259,21 @@ class Ingest:
             reason = f"could not be parsed ({type(exc).__name__})"
             letter = DeadLetter(now, topic, dewar_id_of(topic), None, reason, payload)
             parked = _Parked(topic, payload, [], [letter], [], time.monotonic(), packet_id)
+        self._handled += 1
+        parked.index = self._handled
         self._parked.append(parked)
+        if self._sink is not None and parked.readings:
+            self._sink.arrived(parked.readings)
         self._parked_readings += len(parked.readings)
         self._arrived.set()
         if self._parked_readings >= self._batch_size:
             self._full.set()
-        if (
-            not self._paused
-            and self._link is not None
-            and self.outstanding >= self._max_outstanding
-        ):
+        if not self._paused and self._link is not None and self._held() >= self._max_outstanding:
             self._paused = True
             self.metrics.read_pauses.inc()
             logger.debug(
-                "holding %d uncommitted messages: pausing reads from the broker", self.outstanding
+                "holding %d uncommitted or unjudged messages: pausing reads from the broker",
+                self._held(),
             )
             self._link.pause_reading()
 
@@ -272,6 +316,7 @@ class Ingest:
             ticket = self._tickets
             self._tickets += 1
             batch = self._take_batch()
+            last = batch[-1].index
             self._writing_messages += len(batch)
             try:
                 stored = await self._write(batch)
@@ -279,6 +324,8 @@ class Ingest:
                     while self._handed != ticket:
                         await self._turn.wait()
                 self._writing_messages -= len(batch)
+                self._settled = last  # batches are handed on in the order they were taken
+                self._settling.set()
                 if self._link is not None:
                     self._link.acknowledge([p.packet_id for p in stored if p.packet_id is not None])
                 if self._after_commit is not None:
@@ -287,17 +334,7 @@ class Ingest:
                 async with self._turn:
                     self._handed += 1
                     self._turn.notify_all()
-            if (
-                self._link is not None
-                and self._paused
-                and self.outstanding <= self._max_outstanding // 2
-            ):
-                self._paused = False
-                logger.debug(
-                    "down to %d uncommitted messages: reading from the broker again",
-                    self.outstanding,
-                )
-                self._link.resume_reading()
+            self._maybe_resume()
 
     def abandon(self) -> None:
         """On shutdown, after the broker link is closed: forget what is held. None of it was

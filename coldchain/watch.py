@@ -1,12 +1,21 @@
-"""The watch: runs the excursion rules over every committed reading and turns their transitions
-into alarms, notifications and live events.
+"""The watch: runs the excursion rules over every reading as it arrives and turns their
+transitions into alarms, notifications and live events.
 
-After each ingest commit the writer hands the batch's readings to `Watch.committed` (a bounded
-queue: if evaluation falls behind, ingest waits for it). The watch groups them by the shipment
-that owns each dewar at that device time, feeds them to `coldchain.excursions.feed` (or `replay`
-for a late backlog, reading the stored history back), and queues the transitions for the alarm
-writer, which applies all that accumulated in one transaction with their outbox rows and wakes
-the dispatcher; evaluation of the next batches goes on meanwhile.
+The ingest hands each message's valid readings to `Watch.arrived` as it parses them, before they
+are committed: an alarm need not wait for its reading's batch to be written (under load that
+wait was most of an alert's latency). The watch takes what accumulated, in arrival order, groups
+it by the shipment that owns each dewar at that device time, feeds it to
+`coldchain.excursions.feed` (or `replay` for a late backlog, reading the stored history back once
+the ingest has committed everything that arrived before it: `ArrivalSource.settled`), and queues
+the transitions for the alarm writer, which applies all that accumulated in one transaction with
+their outbox rows and wakes the dispatcher; evaluation goes on meanwhile. Readings not yet
+evaluated count against the ingest's limit of held messages, so a watch that falls behind makes
+the ingest stop reading from the broker.
+
+Judging a reading before it is stored loses nothing. It is acknowledged only once committed; if
+the service dies first, the broker delivers it again, the rules see it at or before their
+watermark and replay the stored history, and whatever is derived again has the same episode key,
+so it changes no alarm.
 
 Durability: rule state is saved every `SAVE_EVERY_S` with `fed_through`, the arrival time of the
 newest reading fed, and only once every transition emitted before the state was taken is applied.
@@ -32,10 +41,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, Protocol
 
 import msgspec
 
@@ -52,7 +61,7 @@ logger = logging.getLogger(__name__)
 SAVE_EVERY_S: Final = 15.0
 SILENCE_EVERY_S: Final = 15.0
 SHIPMENTS_EVERY_S: Final = 2.0
-QUEUE_BATCHES: Final = 64
+TAKE_READINGS: Final = 4000  # readings evaluated per turn, at most (then the next turn)
 MAX_PENDING: Final = 5000  # shipments' worth of alarm changes queued before evaluation waits
 FLUSH_TIMEOUT_S: Final = 5.0
 YIELD_EVERY_S: Final = 0.005  # longest stretch of evaluation without letting others run
@@ -132,6 +141,16 @@ def _transition(t: AlarmTransition) -> Transition:
     )
 
 
+class ArrivalSource(Protocol):
+    """Where the readings handed to `Watch.arrived` come from (`coldchain.ingest.Ingest`)."""
+
+    async def settled(self) -> None:
+        """Return once every reading handed over so far is committed (or refused for good)."""
+
+    def relieved(self) -> None:
+        """The watch evaluated some readings: the source may read again if it had stopped."""
+
+
 class Watch:
     def __init__(
         self,
@@ -140,11 +159,16 @@ class Watch:
         *,
         on_change: Callable[[list[Alarm]], None],
         beat_s: float = SILENCE_EVERY_S,
+        source: ArrivalSource | None = None,
     ) -> None:
+        """`source` None: every reading handed to `arrived` is already stored (tests)."""
         self._beat_s = beat_s
         self._store = store
         self._on_change = on_change
-        self._queue: asyncio.Queue[list[IncomingReading]] = asyncio.Queue(QUEUE_BATCHES)
+        self._source = source
+        self._arrivals: deque[list[IncomingReading]] = deque()
+        self._backlog = 0  # readings in `_arrivals`
+        self._arrived = asyncio.Event()
         self._tracked: dict[str, _Tracked] = {}  # by shipment id
         self._by_dewar: dict[str, list[Shipment]] = {}
         self._profiles: dict[str, Profile] = {}
@@ -158,7 +182,9 @@ class Watch:
         self._work = asyncio.Event()
         self._progress = asyncio.Event()
         self._eval_seconds = registry.histogram(
-            "coldchain_rules_batch_seconds", "Time to evaluate one committed batch", _LATENCY
+            "coldchain_rules_batch_seconds",
+            "Time to evaluate one batch of arrived readings",
+            _LATENCY,
         )
         self._alarm_changes = registry.counter(
             "coldchain_alarm_changes_total", "Alarm changes made by the rules and reminders"
@@ -173,10 +199,27 @@ class Watch:
         """A shipment was created or changed here: look again before the next evaluation."""
         self._stale = True
 
-    async def committed(self, readings: list[IncomingReading]) -> None:
-        """Called by the ingest after each commit."""
+    def arrived(self, readings: list[IncomingReading]) -> None:
+        """Called by the ingest with each message's readings, in arrival order."""
         if readings:
-            await self._queue.put(readings)
+            self._arrivals.append(readings)
+            self._backlog += len(readings)
+            self._arrived.set()
+
+    @property
+    def backlog(self) -> int:
+        """Readings handed to `arrived` and not yet evaluated."""
+        return self._backlog
+
+    def _take(self) -> list[IncomingReading]:
+        """What arrived, oldest first, up to about `TAKE_READINGS`."""
+        batch: list[IncomingReading] = []
+        while self._arrivals and len(batch) < TAKE_READINGS:
+            batch += self._arrivals.popleft()
+        self._backlog -= len(batch)
+        if not self._arrivals:
+            self._arrived.clear()
+        return batch
 
     # Start-up ------------------------------------------------------------------------------
 
@@ -210,6 +253,10 @@ class Watch:
 
     async def _catch_up(self, tracked: _Tracked) -> None:
         """Feed what arrived since the state was saved (all of it for a new shipment)."""
+        if self._source is not None:
+            # Readings of this dewar that came before the watch knew the shipment were passed
+            # over on arrival: they are read back from the store, so they must be in it.
+            await self._source.settled()
         readings = await self._store.readings_since(tracked.shipment, tracked.fed_through)
         if readings:
             tracked.received(readings)
@@ -243,7 +290,10 @@ class Watch:
 
     async def _consume(self) -> None:
         while True:
-            batch = await self._queue.get()
+            await self._arrived.wait()
+            batch = self._take()
+            if not batch:
+                continue
             started = time.perf_counter()
             while True:
                 try:
@@ -258,6 +308,8 @@ class Watch:
                     logger.exception("rules failed on a batch of %d readings", len(batch))
                     break
             self._eval_seconds.observe(time.perf_counter() - started)
+            if self._source is not None:
+                self._source.relieved()
 
     async def _beat(self) -> None:
         last_save = last_silence = time.monotonic()
@@ -407,6 +459,8 @@ class Watch:
         )
         transitions = outcome.transitions
         if outcome.replay is not None:
+            if self._source is not None:
+                await self._source.settled()  # the replay reads these readings back
             history = await self._store.readings_since(
                 shipment, None, ts_from=outcome.replay.from_ts
             )

@@ -246,7 +246,7 @@ async def test_readings_the_catch_up_fed_count_as_received_for_signal_lost(
         await store.write_batch(received, [])
         watch = Watch(store, Registry(), on_change=lambda alarms: None, beat_s=3600)
         async with _running(watch):
-            await watch.committed(received)  # the batch, queued while the watch caught up
+            watch.arrived(received)  # the batch, handed over while the watch caught up
             await eventually(lambda: _queued(watch), lambda n: n == 0)
             tracked = watch._tracked[shipment.id]
             assert tracked.last_received == now
@@ -260,4 +260,4 @@ async def test_readings_the_catch_up_fed_count_as_received_for_signal_lost(
 
 
 async def _queued(watch: Watch) -> int:
-    return watch._queue.qsize()
+    return watch.backlog
