@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
 from multiprocessing.synchronize import Event as EventType
@@ -44,7 +45,6 @@ from bench.harness import (
     create_database,
     create_shipments,
     drop_database,
-    metric,
     publish_packet,
     start_service,
     stop_service,
@@ -69,16 +69,45 @@ STAGES = (
 )
 
 
-def _stage_totals(base: str) -> list[tuple[float, float]]:
-    return [(metric(base, f"{name}_sum"), metric(base, f"{name}_count")) for _, name in STAGES]
+_Stage = tuple[float, float, dict[float, float]]  # sum, count, cumulative count by bucket bound
 
 
-def _report_stages(before: list[tuple[float, float]], after: list[tuple[float, float]]) -> None:
+def _stage_totals(base: str) -> list[_Stage]:
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:  # noqa: S310
+        lines = response.read().decode().splitlines()
+    values: dict[str, float] = {}
+    for line in lines:
+        if not line.startswith("#") and " " in line:
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    totals = []
+    for _, name in STAGES:
+        prefix = f'{name}_bucket{{le="'
+        buckets = {
+            float(key[len(prefix) : -2]): value
+            for key, value in values.items()
+            if key.startswith(prefix)
+        }
+        totals.append((values.get(f"{name}_sum", 0.0), values.get(f"{name}_count", 0.0), buckets))
+    return totals
+
+
+def _p99_bound(before: dict[float, float], after: dict[float, float], n: float) -> float:
+    """The smallest bucket bound that 99 % of the phase's observations fell within."""
+    for bound in sorted(after):
+        if after[bound] - before.get(bound, 0.0) >= 0.99 * n:
+            return bound
+    return float("inf")
+
+
+def _report_stages(before: list[_Stage], after: list[_Stage]) -> None:
     parts = []
-    for (label, _), (s0, n0), (s1, n1) in zip(STAGES, before, after, strict=True):
+    for (label, _), (s0, n0, b0), (s1, n1, b1) in zip(STAGES, before, after, strict=True):
         n = n1 - n0
-        parts.append(f"{label} {(s1 - s0) / n * 1000 if n else 0:.1f} ms (n={n:.0f})")
-    print("         inside the service, means: " + ", ".join(parts))
+        mean = (s1 - s0) / n * 1000 if n else 0.0
+        p99 = _p99_bound(b0, b1, n) * 1000 if n else 0.0
+        parts.append(f"{label} {mean:.1f} ms, p99 <= {p99:g} ms (n={n:.0f})")
+    print("         inside the service, mean and p99 bucket: " + ", ".join(parts))
 
 
 class Arrivals:
