@@ -255,6 +255,7 @@ async def _alerting(app: web.Application) -> AsyncIterator[None]:
         on_change=changed,
         beat_s=settings.rules_beat_s,
         source=ingest,
+        outbox=dispatcher,
     )
     migrated = app[keys.MIGRATED]
 

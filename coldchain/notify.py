@@ -106,6 +106,16 @@ class Dispatcher:
             _DELAY,
         )
 
+    def room(self) -> int:
+        """How many more claimed rows the local queue takes (`take`)."""
+        return max(0, QUEUE_MAX - len(self._queue))
+
+    def take(self, claimed: list[Notification]) -> None:
+        """Rows the alarm writer wrote claimed for this dispatcher, in the transaction of their
+        alarm changes: queued at once, with no claim to read them back first."""
+        self._enqueue(claimed)
+        self._event.set()
+
     def wake(self) -> None:
         """Alarm changes were written: claim their outbox rows now."""
         self._claim_wanted = True
@@ -163,8 +173,11 @@ class Dispatcher:
         self._claim_seconds.observe(time.perf_counter() - started)
         self._more = len(due) == room
         if due:
-            self._queue += due
-            self._queue.sort(key=lambda n: (urgency(n.body), n.id))
+            self._enqueue(due)
+
+    def _enqueue(self, claimed: list[Notification]) -> None:
+        self._queue += claimed
+        self._queue.sort(key=lambda n: (urgency(n.body), n.id))
 
     def _start_queued(self) -> None:
         """Start queued deliveries, most urgent first, as far as the slots allow."""

@@ -1370,6 +1370,10 @@ class Transition:
     message: str
 
 
+#: How long a claim on an outbox row holds: after it, the row is due again (its sender died).
+CLAIM_FOR: Final = timedelta(seconds=60)
+
+
 @dataclass(frozen=True, slots=True)
 class Notification:
     id: int
@@ -1539,13 +1543,21 @@ class Store(ShipmentStore):
         return await self.apply_transitions_of([(shipment, transitions)])
 
     async def apply_transitions_of(
-        self, work: Sequence[tuple[Shipment, Sequence[Transition]]]
+        self,
+        work: Sequence[tuple[Shipment, Sequence[Transition]]],
+        *,
+        claim: int = 0,
+        claimed: list[Notification] | None = None,
     ) -> list[Alarm]:
         """`apply_transitions` for several shipments in one transaction (a committed batch's
         worth), each shipment's in order. Set-based: the episodes' alarms are locked and read in
         one statement, each transition's effect is worked out here in order, and the new alarms,
         their updates, the changes, the outbox rows and the audit entries are written with a
-        statement each, however many transitions there are."""
+        statement each, however many transitions there are.
+
+        With `claim`, up to that many of the outbox rows due at once are written claimed (as
+        `due_notifications` claims them) and appended to `claimed`, for the caller's dispatcher
+        to send without reading them back."""
         items = [(shipment, t) for shipment, transitions in work for t in transitions]
         if not items:
             return []
@@ -1596,7 +1608,11 @@ class Store(ShipmentStore):
                     ],
                 )
             change_ids = await self._record_changes(
-                conn, [(a, s, None, None) for a, s, _ in changes], recipients
+                conn,
+                [(a, s, None, None) for a, s, _ in changes],
+                recipients,
+                claim=claim,
+                claimed=claimed,
             )
             await _audit_many(
                 conn,
@@ -1704,10 +1720,14 @@ class Store(ShipmentStore):
         conn: Connection,
         changes: Sequence[tuple[Alarm, Shipment, str | None, str | None]],
         recipients: list[Recipient],
+        *,
+        claim: int = 0,
+        claimed: list[Notification] | None = None,
     ) -> list[int]:
         """Record alarm changes (the alarm as it is after each, who made it and why), in order,
         each with its outbox rows: the alert topic and every recipient who wants it. A few
-        statements, however many changes. Returns their ids."""
+        statements, however many changes. Returns their ids. Up to `claim` rows due now are
+        written claimed for a minute and appended to `claimed` (see `apply_transitions_of`)."""
         if not changes:
             return []
         change_ids: list[int] = sorted(
@@ -1744,6 +1764,7 @@ class Store(ShipmentStore):
             now,
         )
         latest = {a.id: i for i, (a, *_) in enumerate(changes)}
+        claim_until = now + CLAIM_FOR
         rows: list[tuple[Any, ...]] = []
         for i, ((alarm, shipment, actor, comment), change_id) in enumerate(
             zip(changes, change_ids, strict=True)
@@ -1758,12 +1779,42 @@ class Store(ShipmentStore):
                     rows.append(
                         (change_id, alarm.id, str(r.channel), r.id, body, held or now, held, status)
                     )
-        await conn.executemany(
+        if claimed is None:
+            claim = 0
+        if claim:
+            for i, row in enumerate(rows):
+                if claim and row[7] == "pending" and row[6] is None:
+                    rows[i] = (*row[:5], claim_until, *row[6:])
+                    claim -= 1
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        columns[4] = [_json_encoder.encode(body).decode() for body in columns[4]]
+        # One statement for every row, which also says which rows went in with which ids.
+        inserted = await conn.fetch(
             "INSERT INTO notifications (change_id, alarm_id, channel, recipient_id, body,"
-            " next_attempt_at, held_until, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-            " ON CONFLICT DO NOTHING",
-            rows,
+            " next_attempt_at, held_until, status)"
+            " SELECT c, a, ch, r, b::jsonb, n, h, st FROM unnest($1::bigint[], $2::bigint[],"
+            " $3::text[], $4::bigint[], $5::text[], $6::timestamptz[], $7::timestamptz[],"
+            " $8::text[]) AS u (c, a, ch, r, b, n, h, st)"
+            " ON CONFLICT DO NOTHING RETURNING id, change_id, alarm_id, channel, recipient_id,"
+            " next_attempt_at, status, created_at",
+            *columns,
         )
+        if claimed is not None:
+            by_id = {r.id: r for r in recipients}
+            bodies = {(row[0], row[2], row[3]): row[4] for row in rows}
+            for got in inserted:
+                if got["status"] == "pending" and got["next_attempt_at"] == claim_until:
+                    claimed.append(
+                        Notification(
+                            got["id"],
+                            got["alarm_id"],
+                            Channel(got["channel"]),
+                            by_id.get(got["recipient_id"]),
+                            bodies[got["change_id"], got["channel"], got["recipient_id"]],
+                            0,
+                            got["created_at"],
+                        )
+                    )
         return change_ids
 
     async def _recipients(self, conn: Connection) -> list[Recipient]:
@@ -2054,7 +2105,7 @@ class Store(ShipmentStore):
                 # Only the chosen rows are locked, by the UPDATE. Another instance that chose
                 # the same rows waits for this claim and then finds them no longer due (READ
                 # COMMITTED re-checks the condition on the row as this claim left it).
-                " UPDATE notifications SET next_attempt_at = $1 + interval '60 seconds'"
+                " UPDATE notifications SET next_attempt_at = $8"
                 " WHERE id IN (SELECT id FROM chosen) AND status = 'pending'"
                 " AND next_attempt_at <= $1"
                 " RETURNING *",
@@ -2065,6 +2116,7 @@ class Store(ShipmentStore):
                 list(in_flight),
                 per_recipient,
                 max(limit * 10, 500),
+                now + CLAIM_FOR,
             )
             ids = {r["recipient_id"] for r in rows if r["recipient_id"] is not None}
             recipients = {}

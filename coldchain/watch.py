@@ -54,7 +54,7 @@ from coldchain.excursions import AlarmTransition, RuleState, feed, replay, silen
 from coldchain.metrics import Registry
 from coldchain.profiles import Profile
 from coldchain.shipments import Shipment
-from coldchain.store import IncomingReading, Store, Transition
+from coldchain.store import IncomingReading, Notification, Store, Transition
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +153,16 @@ class ArrivalSource(Protocol):
         """The watch evaluated some readings: the source may read again if it had stopped."""
 
 
+class Outbox(Protocol):
+    """Who sends the alarm changes (`coldchain.notify.Dispatcher`): the alarm writer claims up
+    to `room()` of the outbox rows it writes and hands them over with `take`, so that they are
+    sent without first being read back from the outbox."""
+
+    def room(self) -> int: ...
+
+    def take(self, claimed: list[Notification]) -> None: ...
+
+
 class Watch:
     def __init__(
         self,
@@ -162,12 +172,15 @@ class Watch:
         on_change: Callable[[list[Alarm]], None],
         beat_s: float = SILENCE_EVERY_S,
         source: ArrivalSource | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
-        """`source` None: every reading handed to `arrived` is already stored (tests)."""
+        """`source` None: every reading handed to `arrived` is already stored (tests); `outbox`
+        None: the outbox rows are left for a dispatcher to claim."""
         self._beat_s = beat_s
         self._store = store
         self._on_change = on_change
         self._source = source
+        self._outbox = outbox
         self._arrivals: deque[list[IncomingReading]] = deque()
         self._backlog = 0  # readings in `_arrivals`
         self._last_take = 0  # readings the rules took last time
@@ -374,8 +387,13 @@ class Watch:
             while self._pending:
                 work = self._pending[:]
                 started = time.perf_counter()
+                claimed: list[Notification] = []
                 try:
-                    changed = await self._store.apply_transitions_of(work)
+                    changed = await self._store.apply_transitions_of(
+                        work,
+                        claim=self._outbox.room() if self._outbox is not None else 0,
+                        claimed=claimed,
+                    )
                     self._write_seconds.observe(time.perf_counter() - started)
                 except StoreUnavailable as exc:
                     logger.warning("alarm changes waiting for PostgreSQL: %s", exc)
@@ -390,6 +408,8 @@ class Watch:
                 del self._pending[: len(work)]
                 self._applied += len(work)
                 self._progress.set()
+                if claimed and self._outbox is not None:
+                    self._outbox.take(claimed)
                 self._changed(changed)
 
     async def _apply_one_by_one(self, work: list[tuple[Shipment, list[Transition]]]) -> list[Alarm]:

@@ -33,7 +33,7 @@ from coldchain.embedded import free_port
 from coldchain.profiles import Severity
 from coldchain.settings import MqttAddress, Settings
 from coldchain.shipments import Shipment, Status
-from coldchain.store import Store, Transition
+from coldchain.store import Notification, Store, Transition
 from routing import example_network
 from sensors import Reading, encode_batch, encode_reading, telemetry_topic
 from tests.support import eventually, make_token, publish_all, running_service, service_settings
@@ -942,6 +942,52 @@ async def test_a_critical_alarm_is_sent_before_a_flood_of_lesser_ones(
     assert len(claimed) == 5
     assert claimed[0].body["rule"] == "temp_glass_transition"
     assert [n.body["severity"] for n in claimed[1:]] == ["major"] * 4
+
+
+async def test_the_alarm_writer_claims_what_its_dispatcher_has_room_for(
+    outbox: tuple[Store, Shipment],
+) -> None:
+    """The rows the alarm writer claims in its own transaction go straight to its dispatcher:
+    no other claim may take them (they would be sent twice), and the rows beyond the room it
+    was given stay due for the usual claim (or they would wait out a minute's claim)."""
+    store, shipment = outbox
+    now = datetime.now(UTC)
+    quiet = ((now - timedelta(hours=1)).time(), (now + timedelta(hours=1)).time())
+    await _unreachable_hook(store, "awake")
+    await _unreachable_hook(store, "asleep", quiet)
+    claimed: list[Notification] = []
+    await store.apply_transitions_of(
+        [
+            (
+                shipment,
+                [
+                    Transition(f"shock:{i}", "shock", Severity.WARNING, "raised",
+                               now, now, 25, 10, "")
+                    for i in range(3)
+                ],
+            )
+        ],
+        claim=4,
+        claimed=claimed,
+    )  # fmt: skip
+    # Three changes, each for the alert topic, the awake hook and (held) the asleep one.
+    assert len(claimed) == 4
+    assert all(n.recipient is None or n.recipient.name == "awake" for n in claimed)
+    assert all(n.body["rule"] == "shock" and n.attempts == 0 for n in claimed)
+    rest = await store.due_notifications(datetime.now(UTC), 100)
+    assert len(rest) == 2 and not {n.id for n in rest} & {n.id for n in claimed}
+    assert all(n.recipient is None or n.recipient.name == "awake" for n in rest)
+    # What was claimed is what the outbox holds for those ids, bodies included.
+    for n in claimed:
+        ((recorded, _),) = [(r, a) for r, a in await store.delivery_log(n.alarm_id) if r.id == n.id]
+        assert (recorded.channel, recorded.body) == (n.channel, n.body)
+    # Nothing is claimed without the list to hand it over in.
+    await store.apply_transitions_of(
+        [(shipment, [Transition("lid:1", "lid_open", Severity.MAJOR, "raised",
+                                now, now, 1, 0, "")])],
+        claim=4,
+    )  # fmt: skip
+    assert len(await store.due_notifications(datetime.now(UTC), 100)) == 2
 
 
 async def test_a_send_recorded_twice_is_one_attempt_and_a_resend_is_another(

@@ -19,7 +19,7 @@ from coldchain.excursions import HOLD_AT_RISK, RuleState, feed
 from coldchain.metrics import Registry
 from coldchain.profiles import BUILT_IN
 from coldchain.shipments import Shipment, Status
-from coldchain.store import IncomingReading, Store, Transition
+from coldchain.store import IncomingReading, Notification, Store, Transition
 from coldchain.watch import Watch, _Tracked, _unseen, cold_until
 from routing import example_network
 from sensors import Reading
@@ -165,12 +165,16 @@ class _Outage(Store):
     attempts = 0
 
     async def apply_transitions_of(
-        self, work: Sequence[tuple[Shipment, Sequence[Transition]]]
+        self,
+        work: Sequence[tuple[Shipment, Sequence[Transition]]],
+        *,
+        claim: int = 0,
+        claimed: list[Notification] | None = None,
     ) -> list[Alarm]:
         self.attempts += 1
         if self.down:
             raise StoreUnavailable("PostgreSQL is away (test)")
-        return await super().apply_transitions_of(work)
+        return await super().apply_transitions_of(work, claim=claim, claimed=claimed)
 
 
 @pytest.mark.postgres
