@@ -242,7 +242,7 @@ async def _alerting(app: web.Application) -> AsyncIterator[None]:
     )
 
     def changed(alarms: list[Alarm]) -> None:
-        dispatcher.wake()
+        # The watch wakes the dispatcher for outbox rows it did not hand over (`Outbox`).
         for alarm in alarms:
             live.publish("alarm", live_alarm(alarm))
 

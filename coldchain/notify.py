@@ -84,6 +84,7 @@ class Dispatcher:
         self._event = asyncio.Event()  # something to do: new rows, a free slot, a tick
         self._claim_wanted = True  # the outbox may hold rows due that are not claimed here
         self._more = False  # the last claim filled all the room it had
+        self._capped: set[int] = set()  # recipients the last claim gave all it could
         self._session: aiohttp.ClientSession | None = None
         self._queue: list[Notification] = []  # claimed here, waiting for a free slot
         self._in_flight: dict[int, asyncio.Task[None]] = {}  # notification id -> its delivery
@@ -172,6 +173,10 @@ class Dispatcher:
             return
         self._claim_seconds.observe(time.perf_counter() - started)
         self._more = len(due) == room
+        # Recipients that got all the last claim allowed them may have more rows waiting.
+        cap = PER_RECIPIENT + QUEUED_PER_RECIPIENT
+        held.update(n.recipient_id for n in due if n.recipient_id is not None)
+        self._capped = {r for r, count in held.items() if count >= cap}
         if due:
             self._enqueue(due)
 
@@ -208,9 +213,13 @@ class Dispatcher:
             # Not recorded either way: its claim runs out and it is tried again.
             logger.error("delivering notification %d crashed", n.id, exc_info=exc)
         # A slot is free. Claim again if the outbox may hold more than is queued here: the last
-        # claim was full, or this recipient's queue runs low.
-        queued = sum(1 for q in self._queue if q.recipient_id == n.recipient_id)
-        if self._more or queued <= QUEUED_PER_RECIPIENT // 2:
+        # claim was full, or it gave this recipient all it could and its queue runs low. (Rows
+        # the alarm writer hands over need no claim; rows due later come with the tick.)
+        if self._more or (
+            n.recipient_id in self._capped
+            and sum(1 for q in self._queue if q.recipient_id == n.recipient_id)
+            <= QUEUED_PER_RECIPIENT // 2
+        ):
             self._claim_wanted = True
         self._event.set()
 

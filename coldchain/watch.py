@@ -156,11 +156,14 @@ class ArrivalSource(Protocol):
 class Outbox(Protocol):
     """Who sends the alarm changes (`coldchain.notify.Dispatcher`): the alarm writer claims up
     to `room()` of the outbox rows it writes and hands them over with `take`, so that they are
-    sent without first being read back from the outbox."""
+    sent without first being read back from the outbox, and wakes it only for what is left."""
 
     def room(self) -> int: ...
 
     def take(self, claimed: list[Notification]) -> None: ...
+
+    def wake(self) -> None:
+        """Alarm changes were written whose outbox rows it must claim itself."""
 
 
 class Watch:
@@ -345,6 +348,8 @@ class Watch:
                     await self._refresh()
                     await self._check_silence(datetime.now(UTC))
                     reminded = await self._store.remind_due(datetime.now(UTC))
+                    if reminded and self._outbox is not None:
+                        self._outbox.wake()
                     self._changed(reminded)
                     last_silence = now
             except StoreUnavailable as exc:
@@ -388,12 +393,13 @@ class Watch:
                 work = self._pending[:]
                 started = time.perf_counter()
                 claimed: list[Notification] = []
+                room = self._outbox.room() if self._outbox is not None else 0
+                left_due = True  # outbox rows may be due that nobody claimed
                 try:
                     changed = await self._store.apply_transitions_of(
-                        work,
-                        claim=self._outbox.room() if self._outbox is not None else 0,
-                        claimed=claimed,
+                        work, claim=room, claimed=claimed
                     )
+                    left_due = len(claimed) >= room
                     self._write_seconds.observe(time.perf_counter() - started)
                 except StoreUnavailable as exc:
                     logger.warning("alarm changes waiting for PostgreSQL: %s", exc)
@@ -408,8 +414,11 @@ class Watch:
                 del self._pending[: len(work)]
                 self._applied += len(work)
                 self._progress.set()
-                if claimed and self._outbox is not None:
-                    self._outbox.take(claimed)
+                if self._outbox is not None:
+                    if claimed:
+                        self._outbox.take(claimed)
+                    if changed and left_due:
+                        self._outbox.wake()
                 self._changed(changed)
 
     async def _apply_one_by_one(self, work: list[tuple[Shipment, list[Transition]]]) -> list[Alarm]:
