@@ -244,12 +244,12 @@ def feed(
     *,
     deliver_by: datetime | None = None,
 ) -> Outcome:
-    """Evaluate newly stored readings of one dewar (any order within the batch).
+    """Evaluate newly received readings of one dewar (any order within the batch).
 
     If every reading is after the watermark they are evaluated and the transitions returned. A
     reading equal to the watermark (a redelivery of the last one) is skipped. If any is before it,
     nothing is evaluated and the outcome carries a `Replay`: call `replay` as it says (the batch
-    must already be stored, because the replay reads it back from the store).
+    must be stored first, because the replay reads it back from the store).
     """
     batch = sorted(((_micros(r.ts), r.seq, r) for r in readings), key=_by_time)
     cur = state.current
