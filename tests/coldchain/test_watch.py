@@ -265,3 +265,76 @@ async def test_readings_the_catch_up_fed_count_as_received_for_signal_lost(
 
 async def _queued(watch: Watch) -> int:
     return watch.backlog
+
+
+class _Gate:
+    """An ingest whose uncommitted readings are committed only when the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.open.set()
+        self.waiting = 0
+
+    async def settled(self) -> None:
+        self.waiting += 1
+        try:
+            await self.open.wait()
+        finally:
+            self.waiting -= 1
+
+    def relieved(self) -> None:
+        pass
+
+
+@pytest.mark.postgres
+async def test_a_late_reading_judged_on_arrival_is_replayed_once_it_is_stored(
+    database_url: str, unique: str
+) -> None:
+    """The rules see a reading before it is committed. A late one makes them replay the stored
+    history, which must then hold it: they wait for the ingest to settle, and the excursion only
+    the late reading shows is raised once it is in the store."""
+    store = await Store.open(database_url)
+    try:
+        await store.migrate()
+        await store.import_sites(list(example_network().sites.values()), "test")
+        dewar = f"DW-GATE-{unique}"
+        packed = datetime.now(UTC) - timedelta(hours=1)
+        shipment = Shipment(
+            f"SH-GATE-{unique}", dewar, "cryo-vapor", "MFG-MPN", "TC-NKI", None, None, None,
+            Status.IN_TRANSIT, packed, "test", packed, None,
+        )  # fmt: skip
+        await store.create_shipment(shipment, Actor(1, "planner", Role.PLANNER))
+
+        def reading(seq: int, minutes: float, shock: float = 0.1) -> IncomingReading:
+            at = packed + timedelta(minutes=minutes)
+            return IncomingReading(
+                dewar, Reading(seq=seq, ts=at, temp_c=-190.0, shock_g=shock), datetime.now(UTC)
+            )
+
+        calm = [reading(i, 10 + i) for i in range(5)]
+        await store.write_batch(calm, [])
+        gate = _Gate()
+        watch = Watch(store, Registry(), on_change=lambda alarms: None, beat_s=3600, source=gate)
+        async with _running(watch):
+            watch.arrived(calm)
+            await eventually(lambda: _queued(watch), lambda n: n == 0)
+            gate.open.clear()
+            knock = reading(99, 11.5, shock=25.0)  # late: between two it has seen
+            watch.arrived([knock])
+            await eventually(lambda: _waiting(gate), lambda n: n == 1)
+            assert not [t for _, ts in watch._pending for t in ts]
+            await store.write_batch([knock], [])
+            gate.open.set()
+            await eventually(
+                lambda: _open_rules(store, shipment.id), lambda rules: rules == ["shock"]
+            )
+    finally:
+        await store.close()
+
+
+async def _waiting(gate: _Gate) -> int:
+    return gate.waiting
+
+
+async def _open_rules(store: Store, shipment_id: str) -> list[str]:
+    return [a.rule for a in await store.open_alarms(shipment_id)]
