@@ -338,3 +338,50 @@ async def _waiting(gate: _Gate) -> int:
 
 async def _open_rules(store: Store, shipment_id: str) -> list[str]:
     return [a.rule for a in await store.open_alarms(shipment_id)]
+
+
+@pytest.mark.postgres
+async def test_readings_passed_over_before_the_watch_knew_the_shipment_are_caught_up(
+    database_url: str, unique: str
+) -> None:
+    """Readings of a dewar whose shipment the watch does not know yet are passed over when they
+    arrive; when it learns of the shipment, its catch-up reads them back from the store, so it
+    first waits for the ingest to commit them."""
+    store = await Store.open(database_url)
+    try:
+        await store.migrate()
+        await store.import_sites(list(example_network().sites.values()), "test")
+        dewar = f"DW-LATE-SHIP-{unique}"
+        packed = datetime.now(UTC) - timedelta(hours=1)
+        gate = _Gate()
+        watch = Watch(store, Registry(), on_change=lambda alarms: None, beat_s=3600, source=gate)
+        async with _running(watch):
+            shipment = Shipment(
+                f"SH-LATE-SHIP-{unique}", dewar, "cryo-vapor", "MFG-MPN", "TC-NKI", None, None,
+                None, Status.IN_TRANSIT, packed, "test", packed, None,
+            )  # fmt: skip
+            await store.create_shipment(shipment, Actor(1, "planner", Role.PLANNER))
+            gate.open.clear()
+
+            def reading(seq: int, shock: float) -> IncomingReading:
+                at = packed + timedelta(minutes=10 + seq)
+                return IncomingReading(
+                    dewar,
+                    Reading(seq=seq, ts=at, temp_c=-190.0, shock_g=shock),
+                    datetime.now(UTC),
+                )
+
+            knock = reading(1, 25.0)
+            watch.arrived([knock])  # the watch does not know the shipment: passed over
+            await eventually(lambda: _queued(watch), lambda n: n == 0)
+            watch.shipments_changed()
+            calm = reading(2, 0.1)
+            watch.arrived([calm])
+            await eventually(lambda: _waiting(gate), lambda n: n == 1)
+            await store.write_batch([knock, calm], [])
+            gate.open.set()
+            await eventually(
+                lambda: _open_rules(store, shipment.id), lambda rules: rules == ["shock"]
+            )
+    finally:
+        await store.close()
