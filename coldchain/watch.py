@@ -255,6 +255,11 @@ class Watch:
             by_dewar[s.dewar_id].append(s)
         self._by_dewar = dict(by_dewar)
         new = [s for s in shipments if s.id not in self._tracked]
+        if new and self._source is not None:
+            # The catch-ups read back the readings of these dewars that came before the watch
+            # knew their shipments (they were passed over on arrival): they must be stored.
+            # Once for all of them; what arrives meanwhile waits in `_arrivals` for the rules.
+            await self._source.settled()
         states = await self._store.rule_states([s.id for s in new]) if new else {}
         for s in new:
             saved = states.get(s.id)
@@ -271,11 +276,8 @@ class Watch:
             await self._save([self._tracked.pop(gone)])
 
     async def _catch_up(self, tracked: _Tracked) -> None:
-        """Feed what arrived since the state was saved (all of it for a new shipment)."""
-        if self._source is not None:
-            # Readings of this dewar that came before the watch knew the shipment were passed
-            # over on arrival: they are read back from the store, so they must be in it.
-            await self._source.settled()
+        """Feed what arrived since the state was saved (all of it for a new shipment); the
+        ingest has settled first (`_refresh`)."""
         readings = await self._store.readings_since(tracked.shipment, tracked.fed_through)
         if readings:
             tracked.received(readings)
