@@ -222,6 +222,28 @@ async def _attempts(store: _Outage) -> int:
     return store.attempts
 
 
+async def _in_transit(store: Store, dewar: str, shipment_id: str, packed: datetime) -> Shipment:
+    """A cryo-vapor shipment of `dewar`, in transit since `packed`, stored."""
+    await store.migrate()
+    await store.import_sites(list(example_network().sites.values()), "test")
+    shipment = Shipment(
+        shipment_id, dewar, "cryo-vapor", "MFG-MPN", "TC-NKI", None, None, None,
+        Status.IN_TRANSIT, packed, "test", packed, None,
+    )  # fmt: skip
+    await store.create_shipment(shipment, Actor(1, "planner", Role.PLANNER))
+    return shipment
+
+
+def _reading(
+    dewar: str, packed: datetime, seq: int, minutes: float, shock: float = 0.1
+) -> IncomingReading:
+    """A calm reading (or a knock, with `shock` over 10 g) `minutes` after pack-out."""
+    at = packed + timedelta(minutes=minutes)
+    return IncomingReading(
+        dewar, Reading(seq=seq, ts=at, temp_c=-190.0, shock_g=shock), datetime.now(UTC)
+    )
+
+
 @pytest.mark.postgres
 async def test_readings_the_catch_up_fed_count_as_received_for_signal_lost(
     database_url: str, unique: str
@@ -231,16 +253,10 @@ async def test_readings_the_catch_up_fed_count_as_received_for_signal_lost(
     when the batch that carried them reaches the watch afterwards and is not fed again."""
     store = await Store.open(database_url)
     try:
-        await store.migrate()
-        await store.import_sites(list(example_network().sites.values()), "test")
         dewar = f"DW-CATCH-{unique}"
         now = datetime.now(UTC)
         packed = now - timedelta(hours=2)  # far longer ago than the 15 min of signal lost
-        shipment = Shipment(
-            f"SH-CATCH-{unique}", dewar, "cryo-vapor", "MFG-MPN", "TC-NKI", None, None, None,
-            Status.IN_TRANSIT, packed, "test", packed, None,
-        )  # fmt: skip
-        await store.create_shipment(shipment, Actor(1, "planner", Role.PLANNER))
+        shipment = await _in_transit(store, dewar, f"SH-CATCH-{unique}", packed)
         received = [
             IncomingReading(
                 dewar, Reading(seq=i, ts=packed + timedelta(minutes=i), temp_c=-190.0), now
@@ -295,23 +311,10 @@ async def test_a_late_reading_judged_on_arrival_is_replayed_once_it_is_stored(
     the late reading shows is raised once it is in the store."""
     store = await Store.open(database_url)
     try:
-        await store.migrate()
-        await store.import_sites(list(example_network().sites.values()), "test")
         dewar = f"DW-GATE-{unique}"
         packed = datetime.now(UTC) - timedelta(hours=1)
-        shipment = Shipment(
-            f"SH-GATE-{unique}", dewar, "cryo-vapor", "MFG-MPN", "TC-NKI", None, None, None,
-            Status.IN_TRANSIT, packed, "test", packed, None,
-        )  # fmt: skip
-        await store.create_shipment(shipment, Actor(1, "planner", Role.PLANNER))
-
-        def reading(seq: int, minutes: float, shock: float = 0.1) -> IncomingReading:
-            at = packed + timedelta(minutes=minutes)
-            return IncomingReading(
-                dewar, Reading(seq=seq, ts=at, temp_c=-190.0, shock_g=shock), datetime.now(UTC)
-            )
-
-        calm = [reading(i, 10 + i) for i in range(5)]
+        shipment = await _in_transit(store, dewar, f"SH-GATE-{unique}", packed)
+        calm = [_reading(dewar, packed, i, 10 + i) for i in range(5)]
         await store.write_batch(calm, [])
         gate = _Gate()
         watch = Watch(store, Registry(), on_change=lambda alarms: None, beat_s=3600, source=gate)
@@ -319,7 +322,7 @@ async def test_a_late_reading_judged_on_arrival_is_replayed_once_it_is_stored(
             watch.arrived(calm)
             await eventually(lambda: _queued(watch), lambda n: n == 0)
             gate.open.clear()
-            knock = reading(99, 11.5, shock=25.0)  # late: between two it has seen
+            knock = _reading(dewar, packed, 99, 11.5, shock=25.0)  # late: between two it has seen
             watch.arrived([knock])
             await eventually(lambda: _waiting(gate), lambda n: n == 1)
             assert not [t for _, ts in watch._pending for t in ts]
@@ -350,32 +353,18 @@ async def test_readings_passed_over_before_the_watch_knew_the_shipment_are_caugh
     store = await Store.open(database_url)
     try:
         await store.migrate()
-        await store.import_sites(list(example_network().sites.values()), "test")
         dewar = f"DW-LATE-SHIP-{unique}"
         packed = datetime.now(UTC) - timedelta(hours=1)
         gate = _Gate()
         watch = Watch(store, Registry(), on_change=lambda alarms: None, beat_s=3600, source=gate)
         async with _running(watch):
-            shipment = Shipment(
-                f"SH-LATE-SHIP-{unique}", dewar, "cryo-vapor", "MFG-MPN", "TC-NKI", None, None,
-                None, Status.IN_TRANSIT, packed, "test", packed, None,
-            )  # fmt: skip
-            await store.create_shipment(shipment, Actor(1, "planner", Role.PLANNER))
+            shipment = await _in_transit(store, dewar, f"SH-LATE-SHIP-{unique}", packed)
             gate.open.clear()
-
-            def reading(seq: int, shock: float) -> IncomingReading:
-                at = packed + timedelta(minutes=10 + seq)
-                return IncomingReading(
-                    dewar,
-                    Reading(seq=seq, ts=at, temp_c=-190.0, shock_g=shock),
-                    datetime.now(UTC),
-                )
-
-            knock = reading(1, 25.0)
+            knock = _reading(dewar, packed, 1, 11, shock=25.0)
             watch.arrived([knock])  # the watch does not know the shipment: passed over
             await eventually(lambda: _queued(watch), lambda n: n == 0)
             watch.shipments_changed()
-            calm = reading(2, 0.1)
+            calm = _reading(dewar, packed, 2, 12)
             watch.arrived([calm])
             await eventually(lambda: _waiting(gate), lambda n: n == 1)
             await store.write_batch([knock, calm], [])
