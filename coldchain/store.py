@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -634,12 +634,8 @@ async def _audit(
     await conn.execute(_AUDIT, actor, action, entity, entity_id, detail)
 
 
-async def _audit_many(
-    conn: Connection, entries: Sequence[tuple[str, str, str, str, object]]
-) -> None:
-    """Several audit entries (actor, action, entity, entity_id, detail) in one round trip."""
-    if entries:
-        await conn.executemany(_AUDIT, entries)
+#: An audit entry as written: actor, action, entity, entity id, detail.
+_AuditRow = tuple[str, str, str, str, object]
 
 
 async def _refuse_overlap(
@@ -1562,8 +1558,9 @@ class Store(ShipmentStore):
         if not items:
             return []
         async with self._connection() as conn, conn.transaction():
-            recipients = await self._recipients(conn)
-            current = await self._lock_episodes(conn, {(s.id, t.episode_key) for s, t in items})
+            current, recipients, ids = await self._lock_episodes(
+                conn, {(s.id, t.episode_key) for s, t in items}, len(items)
+            )
             fresh = await self._insert_raised(conn, items, current)
             touched: dict[int, Alarm] = {}  # alarms that were there before, in their new state
             changes: list[tuple[Alarm, Shipment, Transition]] = []
@@ -1589,34 +1586,9 @@ class Store(ShipmentStore):
                 current[key] = touched[after.id] = after
                 if changed:
                     changes.append((after, shipment, t))
-            if touched:
-                await conn.executemany(
-                    "UPDATE alarms SET state = $2, condition_active = $3, cleared_at = $4,"
-                    " value = $5, message = $6, next_notify_at = $7, updated_at = now()"
-                    " WHERE id = $1",
-                    [
-                        (
-                            a.id,
-                            str(a.state),
-                            a.condition_active,
-                            a.cleared_at,
-                            a.value,
-                            a.message,
-                            a.next_notify_at,
-                        )
-                        for a in touched.values()
-                    ],
-                )
-            change_ids = await self._record_changes(
-                conn,
-                [(a, s, None, None) for a, s, _ in changes],
-                recipients,
-                claim=claim,
-                claimed=claimed,
-            )
-            await _audit_many(
-                conn,
-                [
+
+            def audit(change_ids: Sequence[int]) -> list[_AuditRow]:
+                return [
                     (
                         RULES_ACTOR,
                         _TRANSITION_ACTIONS[t.kind],
@@ -1635,23 +1607,44 @@ class Store(ShipmentStore):
                         },
                     )
                     for (a, _, t), change_id in zip(changes, change_ids, strict=True)
-                ],
+                ]
+
+            await self._record_changes(
+                conn,
+                [(a, s, None, None) for a, s, _ in changes],
+                recipients,
+                audit=audit,
+                updated=list(touched.values()),
+                change_ids=ids[: len(changes)],
+                claim=claim,
+                claimed=claimed,
             )
         return [a for a, _, _ in changes]
 
     async def _lock_episodes(
-        self, conn: Connection, keys: set[tuple[str, str]]
-    ) -> dict[tuple[str, str], Alarm]:
+        self, conn: Connection, keys: set[tuple[str, str]], changes: int
+    ) -> tuple[dict[tuple[str, str], Alarm], list[Recipient], list[int]]:
         """The alarms of these (shipment, episode) keys that exist, locked (in id order, so that
-        two writers cannot deadlock)."""
+        two writers cannot deadlock); with, in the same round trip, the active recipients and
+        ids for up to `changes` alarm changes (ascending; those not used are skipped)."""
         rows = await conn.fetch(
-            "SELECT a.* FROM alarms a JOIN unnest($1::text[], $2::text[])"
-            " AS k (shipment_id, episode_key) USING (shipment_id, episode_key)"
-            " ORDER BY a.id FOR UPDATE OF a",
+            "SELECT k.change_ids, k.recipients, a.* FROM (SELECT"
+            " (SELECT array_agg(nextval(pg_get_serial_sequence('alarm_changes', 'id')))"
+            " FROM generate_series(1, $3)) AS change_ids,"
+            " array(SELECT r FROM recipients r WHERE active ORDER BY id) AS recipients) k"
+            " LEFT JOIN LATERAL (SELECT a.* FROM alarms a JOIN unnest($1::text[], $2::text[])"
+            " AS u (shipment_id, episode_key) USING (shipment_id, episode_key)"
+            " ORDER BY a.id FOR UPDATE OF a) a ON true",
             [k[0] for k in keys],
             [k[1] for k in keys],
+            changes,
         )
-        return {(r["shipment_id"], r["episode_key"]): _alarm(r) for r in rows}
+        first = rows[0]
+        return (
+            {(r["shipment_id"], r["episode_key"]): _alarm(r) for r in rows if r["id"] is not None},
+            [_recipient(r) for r in first["recipients"]],
+            sorted(first["change_ids"] or ()),
+        )
 
     async def _insert_raised(
         self,
@@ -1701,73 +1694,42 @@ class Store(ShipmentStore):
         )
         return {(r["shipment_id"], r["episode_key"]): _alarm(r) for r in rows}
 
-    async def _record_change(
-        self,
-        conn: Connection,
-        alarm: Alarm,
-        shipment: Shipment,
-        recipients: list[Recipient],
-        actor: str | None,
-        comment: str | None,
-    ) -> int:
-        (change_id,) = await self._record_changes(
-            conn, [(alarm, shipment, actor, comment)], recipients
-        )
-        return change_id
-
     async def _record_changes(
         self,
         conn: Connection,
         changes: Sequence[tuple[Alarm, Shipment, str | None, str | None]],
         recipients: list[Recipient],
         *,
+        audit: Callable[[Sequence[int]], Sequence[_AuditRow]] | None = None,
+        updated: Sequence[Alarm] = (),
+        change_ids: Sequence[int] | None = None,
         claim: int = 0,
         claimed: list[Notification] | None = None,
     ) -> list[int]:
         """Record alarm changes (the alarm as it is after each, who made it and why), in order,
-        each with its outbox rows: the alert topic and every recipient who wants it. A few
-        statements, however many changes. Returns their ids. Up to `claim` rows due now are
-        written claimed for a minute and appended to `claimed` (see `apply_transitions_of`)."""
-        if not changes:
+        each with its outbox rows: the alert topic and every recipient who wants it. One
+        statement, however many changes, that also writes the `updated` alarms' new state and
+        the audit entries `audit` makes of the changes' ids. Returns those ids (`change_ids`
+        if given, else new ones). Up to `claim` rows due now are written claimed for a minute
+        and appended to `claimed` (see `apply_transitions_of`)."""
+        if not changes and not updated:
             return []
-        change_ids: list[int] = sorted(
-            await conn.fetchval(
-                "SELECT array_agg(nextval(pg_get_serial_sequence('alarm_changes', 'id')))"
-                " FROM generate_series(1, $1)",
-                len(changes),
-            )
-        )
-        await conn.executemany(
-            "INSERT INTO alarm_changes (id, alarm_id, state, severity, actor, comment,"
-            " escalation_level) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            [
-                (
-                    change_id,
-                    a.id,
-                    str(a.state),
-                    str(a.severity),
-                    actor,
-                    comment,
-                    a.escalation_level,
+        if change_ids is None or len(change_ids) < len(changes):
+            change_ids = sorted(
+                await conn.fetchval(
+                    "SELECT array_agg(nextval(pg_get_serial_sequence('alarm_changes', 'id')))"
+                    " FROM generate_series(1, $1)",
+                    len(changes),
                 )
-                for (a, _, actor, comment), change_id in zip(changes, change_ids, strict=True)
-            ],
-        )
+                or ()
+            )
+        ids = list(change_ids[: len(changes)])
         now = datetime.now(UTC)
-        # A recipient in quiet hours hears an alarm once when they end, in its latest state:
-        # a change takes the place of the alarm's deliveries still held (earlier reminders, or
-        # what came before someone acknowledged or closed it), those of earlier changes here too.
-        await conn.execute(
-            "UPDATE notifications SET status = 'superseded' WHERE alarm_id = ANY($1::bigint[])"
-            " AND status = 'pending' AND held_until > $2",
-            list({a.id for a, *_ in changes}),
-            now,
-        )
         latest = {a.id: i for i, (a, *_) in enumerate(changes)}
         claim_until = now + CLAIM_FOR
         rows: list[tuple[Any, ...]] = []
         for i, ((alarm, shipment, actor, comment), change_id) in enumerate(
-            zip(changes, change_ids, strict=True)
+            zip(changes, ids, strict=True)
         ):
             body = alert_body(alarm, change_id=change_id, actor=actor, comment=comment)
             rows.append((change_id, alarm.id, "mqtt", None, body, now, None, "pending"))
@@ -1786,18 +1748,55 @@ class Store(ShipmentStore):
                 if claim and row[7] == "pending" and row[6] is None:
                     rows[i] = (*row[:5], claim_until, *row[6:])
                     claim -= 1
-        columns = [list(column) for column in zip(*rows, strict=True)]
-        columns[4] = [_json_encoder.encode(body).decode() for body in columns[4]]
-        # One statement for every row, which also says which rows went in with which ids.
+        outbox = [list(column) for column in zip(*rows, strict=True)] or [[]] * 8
+        outbox[4] = [_json_encoder.encode(body).decode() for body in outbox[4]]
+        entries = list(audit(ids)) if audit is not None else []
+        audit_columns = [list(column) for column in zip(*entries, strict=True)] or [[]] * 5
+        audit_columns[4] = [_json_encoder.encode(detail).decode() for detail in audit_columns[4]]
+        # One statement, so one round trip: the sub-statements all see the rows as they were
+        # before it, so a recipient in quiet hours hears an alarm once when they end, in its
+        # latest state: a change takes the place of the alarm's deliveries still held (earlier
+        # reminders, or what came before someone acknowledged or closed it), and among this
+        # statement's own rows those of earlier changes are written superseded (above).
         inserted = await conn.fetch(
-            "INSERT INTO notifications (change_id, alarm_id, channel, recipient_id, body,"
+            "WITH alarm_update AS (UPDATE alarms a SET state = u.state,"
+            " condition_active = u.active, cleared_at = u.cleared, value = u.value,"
+            " message = u.message, next_notify_at = u.notify, updated_at = now()"
+            " FROM unnest($1::bigint[], $2::text[], $3::bool[], $4::timestamptz[],"
+            " $5::float8[], $6::text[], $7::timestamptz[])"
+            " AS u (id, state, active, cleared, value, message, notify) WHERE a.id = u.id),"
+            " change AS (INSERT INTO alarm_changes (id, alarm_id, state, severity, actor,"
+            " comment, escalation_level) SELECT * FROM unnest($8::bigint[], $9::bigint[],"
+            " $10::text[], $11::text[], $12::text[], $13::text[], $14::integer[])),"
+            " superseded AS (UPDATE notifications SET status = 'superseded'"
+            " WHERE alarm_id = ANY($9::bigint[]) AND status = 'pending' AND held_until > $15),"
+            " audit AS (INSERT INTO audit_log (actor, action, entity, entity_id, detail)"
+            " SELECT ac, ax, en, ei, d::jsonb FROM unnest($16::text[], $17::text[], $18::text[],"
+            " $19::text[], $20::text[]) WITH ORDINALITY AS e (ac, ax, en, ei, d, n) ORDER BY n)"
+            " INSERT INTO notifications (change_id, alarm_id, channel, recipient_id, body,"
             " next_attempt_at, held_until, status)"
-            " SELECT c, a, ch, r, b::jsonb, n, h, st FROM unnest($1::bigint[], $2::bigint[],"
-            " $3::text[], $4::bigint[], $5::text[], $6::timestamptz[], $7::timestamptz[],"
-            " $8::text[]) AS u (c, a, ch, r, b, n, h, st)"
+            " SELECT c, a, ch, r, b::jsonb, n, h, st FROM unnest($21::bigint[], $22::bigint[],"
+            " $23::text[], $24::bigint[], $25::text[], $26::timestamptz[], $27::timestamptz[],"
+            " $28::text[]) AS u (c, a, ch, r, b, n, h, st)"
             " ON CONFLICT DO NOTHING RETURNING id, change_id, alarm_id, channel, recipient_id,"
             " next_attempt_at, status, created_at",
-            *columns,
+            [a.id for a in updated],
+            [str(a.state) for a in updated],
+            [a.condition_active for a in updated],
+            [a.cleared_at for a in updated],
+            [a.value for a in updated],
+            [a.message for a in updated],
+            [a.next_notify_at for a in updated],
+            ids,
+            [a.id for a, *_ in changes],
+            [str(a.state) for a, *_ in changes],
+            [str(a.severity) for a, *_ in changes],
+            [actor for _, _, actor, _ in changes],
+            [comment for *_, comment in changes],
+            [a.escalation_level for a, *_ in changes],
+            now,
+            *audit_columns,
+            *outbox,
         )
         if claimed is not None:
             by_id = {r.id: r for r in recipients}
@@ -1815,7 +1814,7 @@ class Store(ShipmentStore):
                             got["created_at"],
                         )
                     )
-        return change_ids
+        return ids
 
     async def _recipients(self, conn: Connection) -> list[Recipient]:
         return [
@@ -1872,16 +1871,23 @@ class Store(ShipmentStore):
                     await conn.fetchrow("SELECT * FROM shipments WHERE id = $1", result.shipment_id)
                 )
             )
-            await self._record_change(
-                conn, result, shipment, await self._recipients(conn), actor.label, comment
-            )
-            await _audit(
+            await self._record_changes(
                 conn,
-                actor.label,
-                "alarm.closed" if close else "alarm.acknowledged",
-                "alarm",
-                str(alarm_id),
-                {"comment": comment, "rule": result.rule, "shipment_id": result.shipment_id},
+                [(result, shipment, actor.label, comment)],
+                await self._recipients(conn),
+                audit=lambda _: [
+                    (
+                        actor.label,
+                        "alarm.closed" if close else "alarm.acknowledged",
+                        "alarm",
+                        str(alarm_id),
+                        {
+                            "comment": comment,
+                            "rule": result.rule,
+                            "shipment_id": result.shipment_id,
+                        },
+                    )
+                ],
             )
         return result
 
@@ -1926,17 +1932,14 @@ class Store(ShipmentStore):
                 f"tier {a.escalation_level}"
                 for a in out
             ]
-            change_ids = await self._record_changes(
+            await self._record_changes(
                 conn,
                 [
                     (a, shipments[a.shipment_id], None, comment)
                     for a, comment in zip(out, comments, strict=True)
                 ],
                 recipients,
-            )
-            await _audit_many(
-                conn,
-                [
+                audit=lambda change_ids: [
                     (
                         SERVICE_ACTOR,
                         "alarm.escalated",
