@@ -1558,10 +1558,7 @@ class Store(ShipmentStore):
         if not items:
             return []
         async with self._connection() as conn, conn.transaction():
-            current, recipients, ids = await self._lock_episodes(
-                conn, {(s.id, t.episode_key) for s, t in items}, len(items)
-            )
-            fresh = await self._insert_raised(conn, items, current)
+            current, fresh, recipients, ids = await self._lock_episodes(conn, items)
             touched: dict[int, Alarm] = {}  # alarms that were there before, in their new state
             changes: list[tuple[Alarm, Shipment, Transition]] = []
             for shipment, t in items:
@@ -1622,77 +1619,70 @@ class Store(ShipmentStore):
         return [a for a, _, _ in changes]
 
     async def _lock_episodes(
-        self, conn: Connection, keys: set[tuple[str, str]], changes: int
-    ) -> tuple[dict[tuple[str, str], Alarm], list[Recipient], list[int]]:
-        """The alarms of these (shipment, episode) keys that exist, locked (in id order, so that
-        two writers cannot deadlock); with, in the same round trip, the active recipients and
-        ids for up to `changes` alarm changes (ascending; those not used are skipped)."""
+        self, conn: Connection, items: Sequence[tuple[Shipment, Transition]]
+    ) -> tuple[
+        dict[tuple[str, str], Alarm], dict[tuple[str, str], Alarm], list[Recipient], list[int]
+    ]:
+        """In one round trip: the alarms of the items' episodes that exist, locked (in id order,
+        so that two writers cannot deadlock); the alarm of each new episode, inserted as its
+        first raise has it; the active recipients; and ids for as many alarm changes as there
+        are items (ascending; those not used are skipped)."""
+        keys = {(s.id, t.episode_key) for s, t in items}
+        first: dict[tuple[str, str], tuple[Shipment, Transition]] = {}
+        for shipment, t in items:
+            if t.kind == "raised":
+                first.setdefault((shipment.id, t.episode_key), (shipment, t))
+        now = datetime.now(UTC)
+        new = [
+            (
+                s.id,
+                s.dewar_id,
+                t.rule,
+                t.episode_key,
+                str(t.severity),
+                t.started_at,
+                t.value,
+                t.limit,
+                t.message,
+                None if remind is None else now + remind * self.remind_scale,
+            )
+            for s, t in first.values()
+            for remind in (REMIND_AFTER[t.severity],)
+        ]
+        columns = [list(column) for column in zip(*new, strict=True)] or [[]] * 10
+        # The insert skips the episodes that exist, which the lock (seeing the rows as they
+        # were before the statement) returns instead.
         rows = await conn.fetch(
-            "SELECT k.change_ids, k.recipients, a.* FROM (SELECT"
+            "WITH fresh AS (INSERT INTO alarms (shipment_id, dewar_id, rule, episode_key,"
+            " severity, state, started_at, value, limit_value, message, next_notify_at)"
+            " SELECT s, d, r, e, v, 'open', st, x, l, m, n FROM unnest($4::text[], $5::text[],"
+            " $6::text[], $7::text[], $8::text[], $9::timestamptz[], $10::float8[],"
+            " $11::float8[], $12::text[], $13::timestamptz[]) AS i (s, d, r, e, v, st, x, l, m, n)"
+            " ON CONFLICT (shipment_id, episode_key) DO NOTHING RETURNING *)"
+            " SELECT k.change_ids, k.recipients, a.* FROM (SELECT"
             " (SELECT array_agg(nextval(pg_get_serial_sequence('alarm_changes', 'id')))"
             " FROM generate_series(1, $3)) AS change_ids,"
             " array(SELECT r FROM recipients r WHERE active ORDER BY id) AS recipients) k"
-            " LEFT JOIN LATERAL (SELECT a.* FROM alarms a JOIN unnest($1::text[], $2::text[])"
-            " AS u (shipment_id, episode_key) USING (shipment_id, episode_key)"
-            " ORDER BY a.id FOR UPDATE OF a) a ON true",
+            " LEFT JOIN LATERAL (SELECT false AS is_new, l.* FROM (SELECT a.* FROM alarms a"
+            " JOIN unnest($1::text[], $2::text[]) AS u (shipment_id, episode_key)"
+            " USING (shipment_id, episode_key) ORDER BY a.id FOR UPDATE OF a) l"
+            " UNION ALL SELECT true, f.* FROM fresh f) a ON true",
             [k[0] for k in keys],
             [k[1] for k in keys],
-            changes,
+            len(items),
+            *columns,
         )
-        first = rows[0]
+        current: dict[tuple[str, str], Alarm] = {}
+        fresh: dict[tuple[str, str], Alarm] = {}
+        for r in rows:
+            if r["id"] is not None:
+                (fresh if r["is_new"] else current)[r["shipment_id"], r["episode_key"]] = _alarm(r)
         return (
-            {(r["shipment_id"], r["episode_key"]): _alarm(r) for r in rows if r["id"] is not None},
-            [_recipient(r) for r in first["recipients"]],
-            sorted(first["change_ids"] or ()),
+            current,
+            fresh,
+            [_recipient(r) for r in rows[0]["recipients"]],
+            sorted(rows[0]["change_ids"] or ()),
         )
-
-    async def _insert_raised(
-        self,
-        conn: Connection,
-        items: Sequence[tuple[Shipment, Transition]],
-        current: Mapping[tuple[str, str], Alarm],
-    ) -> dict[tuple[str, str], Alarm]:
-        """Insert the alarm of each new episode, as its first raise has it, in one statement."""
-        first: dict[tuple[str, str], tuple[Shipment, Transition]] = {}
-        for shipment, t in items:
-            key = (shipment.id, t.episode_key)
-            if t.kind == "raised" and key not in current:
-                first.setdefault(key, (shipment, t))
-        if not first:
-            return {}
-        now = datetime.now(UTC)
-        new = list(first.values())
-        columns = list(
-            zip(
-                *(
-                    (
-                        s.id,
-                        s.dewar_id,
-                        t.rule,
-                        t.episode_key,
-                        str(t.severity),
-                        t.started_at,
-                        t.value,
-                        t.limit,
-                        t.message,
-                        None if remind is None else now + remind * self.remind_scale,
-                    )
-                    for s, t in new
-                    for remind in (REMIND_AFTER[t.severity],)
-                ),
-                strict=True,
-            )
-        )
-        rows = await conn.fetch(
-            "INSERT INTO alarms (shipment_id, dewar_id, rule, episode_key, severity, state,"
-            " started_at, value, limit_value, message, next_notify_at)"
-            " SELECT s, d, r, e, v, 'open', st, x, l, m, n FROM unnest($1::text[], $2::text[],"
-            " $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::float8[], $8::float8[],"
-            " $9::text[], $10::timestamptz[]) AS i (s, d, r, e, v, st, x, l, m, n)"
-            " RETURNING *",
-            *map(list, columns),
-        )
-        return {(r["shipment_id"], r["episode_key"]): _alarm(r) for r in rows}
 
     async def _record_changes(
         self,
