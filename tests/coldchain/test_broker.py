@@ -1,5 +1,6 @@
-"""The service's MQTT link publishes alerts even when every packet id the broker allows is
-awaiting its PUBACK, as it is while the ingest holds reads back (PUBACKs are not read then)."""
+"""The service's MQTT link: it publishes alerts even when every packet id the broker allows is
+awaiting its PUBACK, as it is while the ingest holds reads back (PUBACKs are not read then), and
+its own packet splitter hands on every publish exactly once, whatever the socket's reads cut."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import threading
 
 import paho.mqtt.client as paho
 import pytest
+from gmqtt.mqtt.package import Package
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from coldchain.broker import BrokerLink
+from coldchain.broker import BrokerLink, _split_packets
 from coldchain.settings import MqttAddress
 
-pytestmark = [pytest.mark.mqtt]
 
-
+@pytest.mark.mqtt
 async def test_a_publish_waits_for_a_free_packet_id_instead_of_failing(
     mqtt_url: str, unique: str
 ) -> None:
@@ -69,3 +72,159 @@ async def test_a_publish_waits_for_a_free_packet_id_instead_of_failing(
         await link.close()
         listener.disconnect()
         listener.loop_stop()
+
+
+def _publish_packet(topic: bytes, payload: bytes, mid: int, *, properties: bytes | None) -> bytes:
+    """A QoS 1 PUBLISH; `properties` None for MQTT 3.1.1 (no property block)."""
+    body = len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big")
+    if properties is not None:
+        body += bytes([len(properties)]) + properties
+    body += payload
+    length, size = b"", len(body)
+    while True:
+        byte, size = size % 128, size // 128
+        length += bytes([byte | (0x80 if size else 0)])
+        if not size:
+            break
+    return b"\x32" + length + body
+
+
+class _Delivered(list[tuple[str, bytes, int | None]]):
+    """A message handler that keeps what it is handed."""
+
+    def __call__(self, topic: str, payload: bytes, packet_id: int | None) -> None:
+        self.append((topic, payload, packet_id))
+
+
+class _Handler:
+    def __init__(self) -> None:
+        self.current_connection: object = None
+
+
+class _Connection:
+    """What `_split_packets` uses of a gmqtt connection: its handler and `put_package`."""
+
+    def __init__(self) -> None:
+        self._handler = _Handler()
+        self._handler.current_connection = self
+        self._last_data_in = 0.0
+        self.packages: list[tuple[int, bytes]] = []
+
+    def put_package(self, package: Package) -> None:
+        self.packages.append((package.cmd, package.data))
+
+
+@pytest.mark.parametrize("mqtt5", [True, False])
+def test_the_packet_splitter_takes_publishes_itself_and_leaves_the_rest_to_gmqtt(
+    mqtt5: bool,
+) -> None:
+    empty = b"" if mqtt5 else None
+    big = bytes(range(256)) * 80  # a remaining length of three bytes
+    stream = [
+        _publish_packet(b"coldchain/v1/dewars/D1/telemetry", b'{"seq":1}', 7, properties=empty),
+        b"\xd0\x00",  # PINGRESP
+        _publish_packet(b"coldchain/v1/dewars/D2/telemetry", big, 65535, properties=empty),
+        b"\x40\x02\x00\x05",  # PUBACK of one of our publishes
+        _publish_packet(b"t/\xff", b"bad topic", 9, properties=empty),
+        b"\x30\x05\x00\x01aok",  # QoS 0
+    ]
+    if mqtt5:  # a property (message expiry): gmqtt parses those
+        stream.append(_publish_packet(b"t/p", b"props", 11, properties=b"\x02\x00\x00\x00\x3c"))
+    data = b"".join(stream)
+    whole = _Delivered()
+    connection = _Connection()
+    assert _split_packets(connection, whole, data, mqtt5=mqtt5) == len(data)
+    assert whole == [
+        ("coldchain/v1/dewars/D1/telemetry", b'{"seq":1}', 7),
+        ("coldchain/v1/dewars/D2/telemetry", big, 65535),
+    ]
+    rest = [(0xD0, b""), (0x40, b"\x00\x05"), (0x32, stream[4][2:]), (0x30, b"\x00\x01aok")]
+    if mqtt5:
+        rest.append((0x32, stream[6][2:]))
+    assert connection.packages == rest
+    assert connection._last_data_in > 0
+
+    # The same bytes in every split the socket may make: each packet exactly once, in order.
+    for cut in range(1, len(data), 37):
+        got = _Delivered()
+        connection = _Connection()
+        buf = data[:cut]
+        used = _split_packets(connection, got, buf, mqtt5=mqtt5)
+        buf = buf[used:] + data[cut:]
+        assert _split_packets(connection, got, buf, mqtt5=mqtt5) == len(buf)
+        assert got == whole and connection.packages == rest, cut
+
+
+def test_the_packet_splitter_refuses_an_impossible_length_and_a_stale_connection() -> None:
+    connection = _Connection()
+    assert (
+        _split_packets(connection, lambda *m: None, b"\x32\xff\xff\xff\xff\x01", mqtt5=True) == -1
+    )
+    packet = _publish_packet(b"a/b", b"x", 1, properties=b"")
+    connection._handler.current_connection = object()  # a newer connection took over
+    got = _Delivered()
+    assert _split_packets(connection, got, packet, mqtt5=True) == len(packet)
+    assert got == []  # gmqtt's put_package drops it, as it drops all a superseded one reads
+    assert connection.packages == [(0x32, packet[2:])]
+
+
+@pytest.mark.mqtt
+async def test_the_link_hands_on_every_kind_of_publish_and_its_acknowledgements_hold(
+    mqtt_url: str, unique: str
+) -> None:
+    """Through a real broker: plain QoS 1 publishes (the splitter's own path), ones with MQTT 5
+    properties and QoS 0 (gmqtt's), a large one, a burst; once acknowledged, a new connection of
+    the same session gets none of them again."""
+    address = MqttAddress.parse(mqtt_url)
+    prefix = f"coldchain/v1/dewars/BR-{unique}"
+    got: list[tuple[str, bytes, int | None]] = []
+
+    def link() -> BrokerLink:
+        return BrokerLink(
+            address,
+            client_id=f"split-{unique}",
+            subscriptions=[f"{prefix}/#"],
+            handler=lambda topic, payload, mid: got.append((topic, payload, mid)),
+            receive_maximum=1000,
+            session_expiry_s=60,
+        )
+
+    first = link()
+    await first.run()
+    await asyncio.wait_for(first.wait_connected(), 10)
+    await asyncio.sleep(0.3)  # subscribed
+    publisher = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"pub-{unique}", protocol=paho.MQTTv5
+    )
+    publisher.connect(address.host, address.port)
+    publisher.loop_start()
+    expiry = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    expiry.MessageExpiryInterval = 3600
+    sent: list[tuple[str, bytes, int, Properties | None]]
+    sent = [(f"{prefix}/a", b"%d" % i, 1, None) for i in range(300)]
+    sent += [(f"{prefix}/big", b"x" * 70_000, 1, None), (f"{prefix}/zero", b"q0", 0, None)]
+    sent += [(f"{prefix}/props", b"with expiry", 1, expiry)]
+    try:
+        for topic, payload, qos, props in sent:
+            publisher.publish(topic, payload, qos=qos, properties=props).wait_for_publish(5)
+        for _ in range(200):
+            if len(got) == len(sent):
+                break
+            await asyncio.sleep(0.05)
+        assert sorted((t, p) for t, p, _ in got) == sorted((t, p) for t, p, _, _ in sent)
+        assert all((mid is None) == topic.endswith("/zero") for topic, _, mid in got)
+        first.acknowledge([mid for _, _, mid in got if mid is not None])
+        await asyncio.sleep(0.3)
+    finally:
+        await first.close()
+    got.clear()
+    second = link()
+    try:
+        await second.run()
+        await asyncio.wait_for(second.wait_connected(), 10)
+        await asyncio.sleep(1.0)
+        assert got == []  # every acknowledgement reached the broker
+    finally:
+        await second.close()
+        publisher.disconnect()
+        publisher.loop_stop()
