@@ -29,7 +29,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Protocol
 
@@ -77,8 +76,10 @@ class _StatusMessage(msgspec.Struct, frozen=True):
 _status_decoder: Final = msgspec.json.Decoder(_StatusMessage)
 
 
-@dataclass(slots=True)
-class _Parked:
+class _Parked(msgspec.Struct, gc=False):
+    """One message taken and waiting for its batch's commit (a Struct: one is made per message,
+    in a fifth of the time of a dataclass)."""
+
     topic: str
     payload: bytes
     readings: list[IncomingReading]

