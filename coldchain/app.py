@@ -124,7 +124,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         settings.mqtt,
         client_id=settings.mqtt_client_id,
         subscriptions=topics,
-        handler=ingest.handle,
+        handler=ingest.handle_many,
         receive_maximum=settings.mqtt_receive_maximum,
         session_expiry_s=settings.mqtt_session_expiry_s,
         backoff_cap_s=settings.backoff_cap_s,

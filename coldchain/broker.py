@@ -52,8 +52,10 @@ from coldchain.settings import MqttAddress
 
 logger = logging.getLogger(__name__)
 
-# (topic, payload, packet id or None for QoS 0); must not block and must not raise for any input.
-MessageHandler = Callable[[str, bytes, int | None], None]
+Message = tuple[str, bytes, int | None]  # topic, payload, packet id (None for QoS 0)
+# Takes messages in the order they came, as many as one read of the socket held; must not block
+# and must not raise for any input.
+MessageHandler = Callable[[list[Message]], None]
 
 _PUBACK = struct.Struct("!BBH")  # fixed header 0x40, remaining length 2, packet id
 PUBLISH_WAIT_S = 10.0
@@ -193,21 +195,25 @@ class BrokerLink:
         protocol._coldchain_hooked = True
 
     def _on_qos1_publish(self, mid: int, payload: bytes, topic: str, properties: Any) -> None:
-        self._deliver(topic, payload, mid)
+        self._deliver([(topic, payload, mid)])
 
     def _on_qos0_message(
         self, client: Any, topic: str, payload: bytes, qos: int, properties: Any
     ) -> None:
         # Only QoS 0 comes here: subscriptions are QoS 1, so the broker downgrades QoS 2.
-        self._deliver(topic, payload, None)
+        self._deliver([(topic, payload, None)])
 
-    def _deliver(self, topic: str, payload: bytes, mid: int | None) -> None:
+    def _deliver(self, messages: list[Message]) -> None:
         try:
-            self._handler(topic, payload, mid)
+            self._handler(messages)
         except Exception:
-            # The handler dead-letters bad input itself; reaching this is a bug. The message is
-            # left unacknowledged, so the broker delivers it again on the next session.
-            logger.exception("message on %s could not be handled; left unacknowledged", topic)
+            # The handler dead-letters bad input itself; reaching this is a bug. What it did not
+            # take is left unacknowledged, so the broker delivers it again on the next session.
+            logger.exception(
+                "%d message(s) from %s on could not be handled; left unacknowledged",
+                len(messages),
+                messages[0][0],
+            )
 
     def _on_connect(self, client: Any, flags: int, result: int, properties: Any) -> None:
         logger.info("connected to MQTT broker %s (session present: %s)", self._address.url, flags)
@@ -232,33 +238,36 @@ def _split_packets(connection: Any, deliver: MessageHandler, data: bytes, *, mqt
     packet and passes it through the connection and the handler's dispatch, property parsing
     and topic-alias bookkeeping: a fifth of the service's CPU at full rate, with the rules on.
     A QoS 1 PUBLISH with no properties (what devices send, and what Mosquitto passes on) goes
-    to `deliver` directly; every other packet, including a PUBLISH with properties or one that
-    does not parse, goes to gmqtt as before. Like gmqtt, a connection that has been replaced
-    by a newer one delivers nothing more."""
+    to `deliver` directly, in one list with the others of its run in the same read; every
+    other packet, including a PUBLISH with properties or one that does not parse, goes to gmqtt
+    as before, after the run before it. Like gmqtt, a connection that has been replaced by a
+    newer one delivers nothing more."""
     put_package = connection.put_package
     handler = connection._handler
     connection._last_data_in = time.monotonic()  # keep-alive: the broker is talking
     size = len(data)
     start = 0
+    taken: list[Message] = []
     while size - start >= 2:
         # Fixed header: the packet type byte, then the remaining length (1-4 bytes, 7 bits each).
         at = start + 1
         length = 0
         shift = 0
-        while True:
-            if at == size:
-                return start  # the rest of the header is still to come
+        while at < size:
             byte = data[at]
             at += 1
             length |= (byte & 0x7F) << shift
-            if byte < 0x80:
+            if byte < 0x80 or shift == 21:
                 break
-            if shift == 21:
-                return -1
             shift += 7
+        else:
+            break  # the rest of the header is still to come
+        if byte >= 0x80:
+            start = -1
+            break
         end = at + length
         if end > size:
-            return start  # the rest of the packet is still to come
+            break  # the rest of the packet is still to come
         command = data[start]
         if command & 0xF6 == 0x32 and length >= 4 and handler.current_connection is connection:
             # PUBLISH at QoS 1 (dup and retain either way): topic, packet id, then properties.
@@ -270,9 +279,16 @@ def _split_packets(connection: Any, deliver: MessageHandler, data: bytes, *, mqt
                 except UnicodeDecodeError:
                     pass  # gmqtt logs it
                 else:
-                    deliver(topic, data[body:end], data[topic_end] << 8 | data[topic_end + 1])
+                    taken.append(
+                        (topic, data[body:end], data[topic_end] << 8 | data[topic_end + 1])
+                    )
                     start = end
                     continue
+        if taken:  # what came before this packet is handled before it
+            deliver(taken)
+            taken = []
         put_package(Package(command, data[at:end]))
         start = end
+    if taken:
+        deliver(taken)
     return start

@@ -1,10 +1,11 @@
 """The watch: runs the excursion rules over every reading as it arrives and turns their
 transitions into alarms, notifications and live events.
 
-The ingest hands each message's valid readings to `Watch.arrived` as it parses them, before they
-are committed: an alarm need not wait for its reading's batch to be written (under load that
-wait was most of an alert's latency). The watch takes what accumulated, in arrival order, groups
-it by the shipment that owns each dewar at that device time, feeds it to
+The ingest hands the valid readings of each read of the broker socket to `Watch.arrived` as it
+parses them, before they are committed: an alarm need not wait for its reading's batch to be
+written (under load that wait was most of an alert's latency). The watch takes what
+accumulated, in arrival order, groups it by the shipment that owns each dewar at that device
+time, feeds it to
 `coldchain.excursions.feed` (or `replay` for a late backlog, reading the stored history back once
 the ingest has committed everything that arrived before it: `ArrivalSource.settled`), and queues
 the transitions for the alarm writer, which applies all that accumulated in one transaction with
@@ -219,7 +220,7 @@ class Watch:
         self._stale = True
 
     def arrived(self, readings: list[IncomingReading]) -> None:
-        """Called by the ingest with each message's readings, in arrival order."""
+        """Called by the ingest with the readings of each read of the socket, in arrival order."""
         if readings:
             self._arrivals.append(readings)
             self._backlog += len(readings)

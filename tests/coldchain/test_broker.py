@@ -14,7 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from coldchain.broker import BrokerLink, _split_packets
+from coldchain.broker import BrokerLink, Message, _split_packets
 from coldchain.settings import MqttAddress
 
 
@@ -40,7 +40,7 @@ async def test_a_publish_waits_for_a_free_packet_id_instead_of_failing(
         address,
         client_id=f"link-{unique}",
         subscriptions=[],
-        handler=lambda topic, payload, mid: None,
+        handler=lambda messages: None,
         receive_maximum=100,
         session_expiry_s=60,
     )
@@ -89,11 +89,16 @@ def _publish_packet(topic: bytes, payload: bytes, mid: int, *, properties: bytes
     return b"\x32" + length + body
 
 
-class _Delivered(list[tuple[str, bytes, int | None]]):
-    """A message handler that keeps what it is handed."""
+class _Delivered(list[Message]):
+    """A message handler that keeps what it is handed, and each read's share of it."""
 
-    def __call__(self, topic: str, payload: bytes, packet_id: int | None) -> None:
-        self.append((topic, payload, packet_id))
+    def __init__(self, log: list[object] | None = None) -> None:
+        super().__init__()
+        self.log = log if log is not None else []
+
+    def __call__(self, messages: list[Message]) -> None:
+        self.log.append([m[0] for m in messages])
+        self.extend(messages)
 
 
 class _Handler:
@@ -110,8 +115,11 @@ class _Connection:
         self._last_data_in = 0.0
         self.packages: list[tuple[int, bytes]] = []
 
+        self.log: list[object] = []
+
     def put_package(self, package: Package) -> None:
         self.packages.append((package.cmd, package.data))
+        self.log.append(package.cmd)
 
 
 @pytest.mark.parametrize("mqtt5", [True, False])
@@ -122,6 +130,7 @@ def test_the_packet_splitter_takes_publishes_itself_and_leaves_the_rest_to_gmqtt
     big = bytes(range(256)) * 80  # a remaining length of three bytes
     stream = [
         _publish_packet(b"coldchain/v1/dewars/D1/telemetry", b'{"seq":1}', 7, properties=empty),
+        _publish_packet(b"coldchain/v1/dewars/D1/telemetry", b'{"seq":2}', 8, properties=empty),
         b"\xd0\x00",  # PINGRESP
         _publish_packet(b"coldchain/v1/dewars/D2/telemetry", big, 65535, properties=empty),
         b"\x40\x02\x00\x05",  # PUBACK of one of our publishes
@@ -131,16 +140,16 @@ def test_the_packet_splitter_takes_publishes_itself_and_leaves_the_rest_to_gmqtt
     if mqtt5:  # a property (message expiry): gmqtt parses those
         stream.append(_publish_packet(b"t/p", b"props", 11, properties=b"\x02\x00\x00\x00\x3c"))
     data = b"".join(stream)
-    whole = _Delivered()
     connection = _Connection()
+    whole = _Delivered(connection.log)
     assert _split_packets(connection, whole, data, mqtt5=mqtt5) == len(data)
-    assert whole == [
-        ("coldchain/v1/dewars/D1/telemetry", b'{"seq":1}', 7),
-        ("coldchain/v1/dewars/D2/telemetry", big, 65535),
-    ]
-    rest = [(0xD0, b""), (0x40, b"\x00\x05"), (0x32, stream[4][2:]), (0x30, b"\x00\x01aok")]
+    d1, d2 = "coldchain/v1/dewars/D1/telemetry", "coldchain/v1/dewars/D2/telemetry"
+    assert whole == [(d1, b'{"seq":1}', 7), (d1, b'{"seq":2}', 8), (d2, big, 65535)]
+    rest = [(0xD0, b""), (0x40, b"\x00\x05"), (0x32, stream[5][2:]), (0x30, b"\x00\x01aok")]
     if mqtt5:
-        rest.append((0x32, stream[6][2:]))
+        rest.append((0x32, stream[7][2:]))
+    # In the order they came: the publishes of a run together, each run before what follows it.
+    assert connection.log == [[d1, d1], 0xD0, [d2], 0x40, 0x32, 0x30] + [0x32] * mqtt5
     assert connection.packages == rest
     assert connection._last_data_in > 0
 
@@ -177,14 +186,14 @@ async def test_the_link_hands_on_every_kind_of_publish_and_its_acknowledgements_
     the same session gets none of them again."""
     address = MqttAddress.parse(mqtt_url)
     prefix = f"coldchain/v1/dewars/BR-{unique}"
-    got: list[tuple[str, bytes, int | None]] = []
+    got: list[Message] = []
 
     def link() -> BrokerLink:
         return BrokerLink(
             address,
             client_id=f"split-{unique}",
             subscriptions=[f"{prefix}/#"],
-            handler=lambda topic, payload, mid: got.append((topic, payload, mid)),
+            handler=got.extend,
             receive_maximum=1000,
             session_expiry_s=60,
         )
