@@ -529,3 +529,48 @@ async def test_instances_sharing_a_group_store_every_reading_once_between_them(
     assert taken == received
     assert await stored() == len(messages)
     assert "this instance's rules see only the readings it takes" in caplog.text
+
+
+async def test_times_are_stored_to_the_microsecond_whatever_the_offset(
+    store: Store, database_url: str, unique: str
+) -> None:
+    """The COPY carries times as microseconds since the epoch; what is stored is the same
+    instant as sent, and each read's readings share the time they were received."""
+    ingest = Ingest(store, Registry(), batch_size=1000, flush_interval_s=0.01)
+    ingest.attach(_RecordingLink())
+    topic = telemetry_topic(f"DW-{unique}")
+    sent = {
+        1: "2026-12-03T11:59:59.123457+02:00",
+        2: "2026-12-03T09:59:59.999999Z",
+        3: "2001-02-03T04:05:06.000001-05:30",
+        4: "2026-12-03T10:00:00Z",
+    }
+    payloads = [
+        b'{"seq":%d,"ts":"%s","temp_c":-190.0}' % (s, ts.encode()) for s, ts in sent.items()
+    ]
+    before = datetime.now(UTC)
+    ingest.handle_many([(topic, payload, n) for n, payload in enumerate(payloads[:3], 1)])
+    await asyncio.sleep(0.002)
+    ingest.handle(topic, payloads[3], 4)
+    after = datetime.now(UTC)
+    writer = asyncio.create_task(ingest.run_writer())
+    try:
+        await eventually(lambda: asyncio.sleep(0, ingest.outstanding), lambda n: n == 0)
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT seq, ts, received_at FROM readings WHERE dewar_id = $1 ORDER BY seq",
+            f"DW-{unique}",
+        )
+    finally:
+        await conn.close()
+    assert [(r["seq"], r["ts"]) for r in rows] == [
+        (s, datetime.fromisoformat(ts)) for s, ts in sent.items()
+    ]
+    received = [r["received_at"] for r in rows]
+    assert received[0] == received[1] == received[2] < received[3]
+    assert before <= received[0] and received[3] <= after
