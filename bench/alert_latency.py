@@ -320,9 +320,9 @@ def main() -> None:
     if args.load <= 0:
         scratch = asyncio.run(create_database(server_url))
         try:
-            sustained, _ = coldchain_rate(
+            sustained = coldchain_rate(
                 broker, scratch, make_messages(100_000, 1000), work / "sustained.log"
-            )
+            ).rate
         finally:
             asyncio.run(drop_database(server_url, scratch))
         args.load = sustained / 2

@@ -32,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from pathlib import Path
+from typing import NamedTuple
 
 from bench.harness import (
     BenchServers,
@@ -153,18 +154,51 @@ def _peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds all cores have spent busy (neither idle nor waiting for I/O)."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class ServiceRun(NamedTuple):
+    rate: float  # readings per second, published to committed
+    peak_mib: float  # the service's peak resident memory
+    cpu_us: float  # the service's CPU per reading, in µs
+    busy_cores: float  # the whole machine's busy cores meanwhile (broker, database, publisher...)
+
+    def describe(self) -> str:
+        return (
+            f"{self.rate:,.0f} readings/s, service peak RSS {self.peak_mib:.0f} MiB, "
+            f"service CPU {self.cpu_us:.1f} µs a reading, machine {self.busy_cores:.2f} of "
+            f"{os.cpu_count()} cores busy"
+        )
+
+
 def coldchain_rate(
     broker: EmbeddedBroker, database_url: str, messages: list[tuple[str, bytes]], log: Path
-) -> tuple[float, float]:
-    """`coldchain serve` receiving and committing: (readings per second, peak RSS in MiB)."""
+) -> ServiceRun:
+    """`coldchain serve` receiving and committing the messages, and what it cost."""
     service, base = start_service(log, database_url=database_url, mqtt_url=broker.url)
     try:
+        cpu0, busy0 = _cpu_s(service.pid), _machine_busy_s()
         publisher, t0 = publish(broker.port, messages)
         while metric(base, "coldchain_ingest_readings_stored_total") < len(messages):
             time.sleep(0.02)
         t1 = time.time()
+        cpu1, busy1 = _cpu_s(service.pid), _machine_busy_s()
         publisher.join()
-        return len(messages) / (t1 - t0), _peak_rss_mib(service.pid)
+        return ServiceRun(
+            len(messages) / (t1 - t0),
+            _peak_rss_mib(service.pid),
+            (cpu1 - cpu0) / len(messages) * 1e6,
+            (busy1 - busy0) / (t1 - t0),
+        )
     finally:
         stop_service(service, log)
 
@@ -200,28 +234,27 @@ def main() -> None:
         print(f"reference  mosquitto_sub -q 1, no processing: {reference:,.0f} msg/s")
         database_url = asyncio.run(create_database(server_url))
         try:
-            ours, peak = coldchain_rate(broker, database_url, messages, work / "service.log")
+            ours = coldchain_rate(broker, database_url, messages, work / "service.log")
         finally:
             asyncio.run(drop_database(server_url, database_url))
-        print(
-            f"coldchain  published -> committed in PostgreSQL: {ours:,.0f} readings/s, "
-            f"service peak RSS {peak:.0f} MiB"
-        )
-        print(f"ratio      coldchain / reference = {ours / reference:.2f}  (target >= 0.8)")
+        print(f"coldchain  published -> committed in PostgreSQL: {ours.describe()}")
+        print(f"ratio      coldchain / reference = {ours.rate / reference:.2f}  (target >= 0.8)")
         if not args.no_rules:
             database_url = asyncio.run(create_database(server_url))
             try:
                 asyncio.run(_shipments(database_url, args.dewars))
-                ruled, peak = coldchain_rate(
+                ruled = coldchain_rate(
                     broker, database_url, messages, work / "service-rules.log"
                 )
             finally:
                 asyncio.run(drop_database(server_url, database_url))
             print(
-                f"with rules every reading in an active shipment, rules evaluated: "
-                f"{ruled:,.0f} readings/s, peak RSS {peak:.0f} MiB"
+                "with rules every reading in an active shipment, rules evaluated: "
+                f"{ruled.describe()}"
             )
-            print(f"ratio      with rules / without = {ruled / ours:.2f}  (target >= 0.85)")
+            print(
+                f"ratio      with rules / without = {ruled.rate / ours.rate:.2f}  (target >= 0.85)"
+            )
         print(
             f"reproduce: .venv/bin/python -m bench.ingest --messages {args.messages} "
             f"--dewars {args.dewars}  ({os.cpu_count()} cores, python "
