@@ -243,9 +243,7 @@ def main() -> None:
             database_url = asyncio.run(create_database(server_url))
             try:
                 asyncio.run(_shipments(database_url, args.dewars))
-                ruled = coldchain_rate(
-                    broker, database_url, messages, work / "service-rules.log"
-                )
+                ruled = coldchain_rate(broker, database_url, messages, work / "service-rules.log")
             finally:
                 asyncio.run(drop_database(server_url, database_url))
             print(
