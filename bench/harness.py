@@ -183,6 +183,20 @@ def metric(base: str, name: str) -> float:
     return 0.0
 
 
+def status_mib(pid: int, field_name: str) -> float:
+    """A memory figure of a process from /proc/<pid>/status (VmRSS now, VmHWM its peak), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user and system) a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:

@@ -37,12 +37,14 @@ from typing import NamedTuple
 from bench.harness import (
     BenchServers,
     connect_packet,
+    cpu_seconds,
     create_database,
     create_shipments,
     drop_database,
     metric,
     publish_packet,
     start_service,
+    status_mib,
     stop_service,
 )
 from coldchain.embedded import EmbeddedBroker
@@ -147,19 +149,6 @@ def reference_rate(broker: EmbeddedBroker, messages: list[tuple[str, bytes]]) ->
     return len(messages) / (t1 - t0)
 
 
-def _peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _cpu_s(pid: int) -> float:
-    """CPU seconds (user and system) a process has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _machine_busy_s() -> float:
     """CPU seconds all cores have spent busy (neither idle nor waiting for I/O)."""
     ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -186,16 +175,16 @@ def coldchain_rate(
     """`coldchain serve` receiving and committing the messages, and what it cost."""
     service, base = start_service(log, database_url=database_url, mqtt_url=broker.url)
     try:
-        cpu0, busy0 = _cpu_s(service.pid), _machine_busy_s()
+        cpu0, busy0 = cpu_seconds(service.pid), _machine_busy_s()
         publisher, t0 = publish(broker.port, messages)
         while metric(base, "coldchain_ingest_readings_stored_total") < len(messages):
             time.sleep(0.02)
         t1 = time.time()
-        cpu1, busy1 = _cpu_s(service.pid), _machine_busy_s()
+        cpu1, busy1 = cpu_seconds(service.pid), _machine_busy_s()
         publisher.join()
         return ServiceRun(
             len(messages) / (t1 - t0),
-            _peak_rss_mib(service.pid),
+            status_mib(service.pid, "VmHWM"),
             (cpu1 - cpu0) / len(messages) * 1e6,
             (busy1 - busy0) / (t1 - t0),
         )

@@ -65,7 +65,15 @@ import asyncpg
 import msgspec
 import numpy as np
 
-from bench.harness import BenchServers, create_database, drop_database, start_service, stop_service
+from bench.harness import (
+    BenchServers,
+    cpu_seconds,
+    create_database,
+    drop_database,
+    start_service,
+    status_mib,
+    stop_service,
+)
 from bench.ingest import make_messages, publish
 from coldchain.auth import Role, new_token, token_hash
 from coldchain.embedded import EmbeddedBroker
@@ -254,18 +262,6 @@ def _metrics(base: str) -> _Sample:
     )
 
 
-def _status_mib(pid: int, field_name: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def _token(database_url: str) -> str:
     store = await Store.open(database_url, max_size=1)
     try:
@@ -377,16 +373,16 @@ def _one_run(
                 if time.monotonic() > deadline:
                     raise SystemExit("the service did not see every client connect")
                 time.sleep(0.1)
-            run.idle_rss_mib = _status_mib(service.pid, "VmRSS")
+            run.idle_rss_mib = status_mib(service.pid, "VmRSS")
             poller = _Poller(base)
             poller.start()
-            cpu0 = _cpu_s(service.pid)
+            cpu0 = cpu_seconds(service.pid)
             publisher, t0 = publish(broker.port, messages)
             run.t0 = t0
             while poller.latest().stored < len(messages):
                 time.sleep(0.01)
             t1 = poller.latest().at
-            run.service_cores = (_cpu_s(service.pid) - cpu0) / (time.time() - t0)
+            run.service_cores = (cpu_seconds(service.pid) - cpu0) / (time.time() - t0)
             run.seconds = t1 - t0
             run.rate = len(messages) / run.seconds
             publisher.join()
@@ -403,7 +399,7 @@ def _one_run(
             time.sleep(0.5)  # a last drop counted after the final event
             poller.halt.set()
             poller.join()
-            run.peak_rss_mib = _status_mib(service.pid, "VmHWM")
+            run.peak_rss_mib = status_mib(service.pid, "VmHWM")
             seen = 0.0
             connected = float(run.clients + run.stalled)
             for sample in poller.samples:
