@@ -72,7 +72,7 @@ import msgspec
 
 from coldchain.forecast import TIPPED_DEG, fit
 from coldchain.profiles import Direction, Limit, Metric, Profile, Severity
-from sensors.schema import Reading
+from sensors.schema import Reading, epoch_micros
 
 __all__ = [
     "AlarmTransition",
@@ -251,7 +251,7 @@ def feed(
     nothing is evaluated and the outcome carries a `Replay`: call `replay` as it says (the batch
     must be stored first, because the replay reads it back from the store).
     """
-    batch = sorted(((_micros(r.ts), r.seq, r) for r in readings), key=_by_time)
+    batch = sorted(((epoch_micros(r.ts), r.seq, r) for r in readings), key=_by_time)
     cur = state.current
     if cur.wm_ts is not None:
         wm = (cur.wm_ts, cur.wm_seq)
@@ -279,7 +279,7 @@ def replay(
     what changed against what was emitted before: new or updated `raised`/`cleared`, plus
     `retracted` and `reopened`. Replaying the same readings twice returns nothing the second time.
     """
-    earliest = (_micros(request.earliest_ts), request.earliest_seq)
+    earliest = (epoch_micros(request.earliest_ts), request.earliest_seq)
     index = _checkpoint_before(state, earliest)
     base = _copy(state.checkpoints[index]) if index >= 0 else Snapshot()
     old = [e.transition for e in state.journal if e.serial >= base.serial]
@@ -289,7 +289,7 @@ def replay(
     start = (base.wm_ts, base.wm_seq) if base.wm_ts is not None else None
     run = _Run(profile, state, deliver_by)
     last: tuple[int, int] | None = None
-    for t, seq, reading in sorted(((_micros(r.ts), r.seq, r) for r in readings), key=_by_time):
+    for t, seq, reading in sorted(((epoch_micros(r.ts), r.seq, r) for r in readings), key=_by_time):
         key = (t, seq)
         if (start is not None and key <= start) or key == last:
             continue
@@ -427,7 +427,7 @@ class _Run:
         self.profile = profile
         self.state = state
         self.out: list[AlarmTransition] = []
-        self.deliver = None if deliver_by is None else _micros(deliver_by)
+        self.deliver = None if deliver_by is None else epoch_micros(deliver_by)
         self.cap = plan.cap
         self.jump_window = plan.jump_window
         self.rate_limit = plan.rate_limit
@@ -871,11 +871,6 @@ def _copy(snapshot: Snapshot) -> Snapshot:
 
 _by_time: Final = itemgetter(0, 1)
 """Sort key of `(micros, seq, reading)`: device time, then sequence (never the reading)."""
-
-
-def _micros(ts: datetime) -> int:
-    # Exact: a float timestamp near 2e9 s is within 0.25 µs, rounding recovers the microsecond.
-    return round(ts.timestamp() * _US)
 
 
 def _at(micros: int) -> datetime:

@@ -39,6 +39,7 @@ from coldchain.profiles import BUILT_IN, ENGINE_RULES, Profile, Severity
 from coldchain.shipments import AuditEntry, CustodyEvent, EventType, Shipment, Status, next_status
 from routing import Flight, Lane, LaneMode, ReceivingHours, Site, SiteKind
 from sensors import Reading
+from sensors.schema import epoch_micros
 
 logger = logging.getLogger(__name__)
 
@@ -461,12 +462,12 @@ def _reading_records(readings: Sequence[IncomingReading]) -> list[tuple[Any, ...
         r = item.reading
         if item.received_at is not received:
             received = item.received_at
-            received_us = _micros(received)
+            received_us = epoch_micros(received)
         rows.append(
             (
                 item.dewar_id,
                 r.seq,
-                _micros(r.ts),
+                epoch_micros(r.ts),
                 received_us,
                 r.temp_c,
                 r.ln2_level_pct,
@@ -480,12 +481,6 @@ def _reading_records(readings: Sequence[IncomingReading]) -> list[tuple[Any, ...
             )
         )
     return rows
-
-
-def _micros(ts: datetime) -> int:
-    """Microseconds since the epoch; exact for any time a reading may carry (a float near 2e9 s
-    is within 0.25 µs, and rounding recovers the microsecond)."""
-    return round(ts.timestamp() * 1_000_000)
 
 
 def _incoming(row: asyncpg.Record) -> IncomingReading:
