@@ -3,15 +3,14 @@ transitions into alarms, notifications and live events.
 
 The ingest hands the valid readings of each read of the broker socket to `Watch.arrived` as it
 parses them, before they are committed: an alarm need not wait for its reading's batch to be
-written (under load that wait was most of an alert's latency). The watch takes what
-accumulated, in arrival order, groups it by the shipment that owns each dewar at that device
-time, feeds it to
-`coldchain.excursions.feed` (or `replay` for a late backlog, reading the stored history back once
-the ingest has committed everything that arrived before it: `ArrivalSource.settled`), and queues
-the transitions for the alarm writer, which applies all that accumulated in one transaction with
-their outbox rows and wakes the dispatcher; evaluation goes on meanwhile. Readings not yet
-evaluated count against the ingest's limit of held messages, so a watch that falls behind makes
-the ingest stop reading from the broker.
+written (under load that wait was most of an alert's latency). The watch takes what accumulated,
+in arrival order, groups it by the shipment that owns each dewar at that device time, feeds it
+to `coldchain.excursions.feed` (or `replay` for a late backlog, reading the stored history back
+once the ingest has committed everything that arrived before it: `ArrivalSource.settled`), and
+queues the transitions for the alarm writer, which applies all that accumulated in one
+transaction with their outbox rows and wakes the dispatcher; evaluation goes on meanwhile.
+Readings not yet evaluated count against the ingest's limit of held messages, so a watch that
+falls behind makes the ingest stop reading from the broker.
 
 Judging a reading before it is stored loses nothing. It is acknowledged only once committed; if
 the service dies first, the broker delivers it again, the rules see it at or before their
