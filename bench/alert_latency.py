@@ -35,6 +35,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from multiprocessing.synchronize import Event as EventType
 
+import asyncpg
 import paho.mqtt.client as paho
 from aiohttp import web
 from paho.mqtt.enums import CallbackAPIVersion
@@ -242,13 +243,16 @@ def _warm_up(port: int) -> None:
     publisher.loop_stop()
 
 
+_Sent = dict[tuple[str, str], float]  # publish time of each knock, by (dewar, episode start)
+
+
 def _measure(
     alarms: int, broker_port: int, arrivals: tuple[Arrivals, Arrivals], seq_base: int
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[float], list[float], _Sent]:
     publisher = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-knock-{seq_base}")
     publisher.connect("127.0.0.1", broker_port)
     publisher.loop_start()
-    sent: dict[tuple[str, str], float] = {}
+    sent: _Sent = {}
     base = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
     for k in range(alarms):
         dewar = f"ALERT-{k % ALARM_DEWARS:03d}"
@@ -283,7 +287,36 @@ def _measure(
     missing = [len(sent) - len(x) for x in out]
     if any(missing):
         print(f"  (alerts not received within 60 s: topic {missing[0]}, webhook {missing[1]})")
-    return out[0], out[1]
+    return out[0], out[1], sent
+
+
+async def _received(database_url: str, sent: _Sent) -> dict[tuple[str, str], float]:
+    """When the service received each knock (its `received_at`, stamped on the socket read),
+    as a Unix time: splits each alert's latency at the service's door."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT dewar_id, ts, received_at FROM readings "
+            "WHERE dewar_id LIKE 'ALERT-%' AND shock_g > 20"
+        )
+    finally:
+        await conn.close()
+    got = {(r["dewar_id"], r["ts"].astimezone(UTC).isoformat()): r["received_at"] for r in rows}
+    return {k: got[k].timestamp() for k in sent if k in got}
+
+
+def _report_split(database_url: str, sent: _Sent, arrivals: Arrivals) -> None:
+    """Each knock's latency in two: publish to the service's read of it (the broker, the
+    sockets, and the wait for the ingest's window), and that read to the alert's arrival."""
+    received = asyncio.run(_received(database_url, sent))
+    keys = [k for k in sent if k in received and k in arrivals.times]
+    door = [(received[k] - sent[k]) * 1000 for k in keys]
+    inside = [(arrivals.times[k] - received[k]) * 1000 for k in keys]
+    print(
+        f"         alert topic in two (n={len(keys)}): publish to service read p50 "
+        f"{_pct(door, 0.5):.1f} ms p99 {_pct(door, 0.99):.1f} ms; read to alert p50 "
+        f"{_pct(inside, 0.5):.1f} ms p99 {_pct(inside, 0.99):.1f} ms"
+    )
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -363,10 +396,11 @@ def main() -> None:
             f"{LOAD_DEWARS} more dewars in shipments for the load"
         )
         stages = _stage_totals(base)
-        idle = _measure(args.alarms, broker.port, (topic_arrivals, hook_arrivals), 10)
+        *idle, sent = _measure(args.alarms, broker.port, (topic_arrivals, hook_arrivals), 10)
         _report("idle", *idle)
         after_idle = _stage_totals(base)
         _report_stages(stages, after_idle)
+        _report_split(database_url, sent, topic_arrivals)
         stages = after_idle
         stop = multiprocessing.get_context("fork").Event()
         load = multiprocessing.get_context("fork").Process(
@@ -374,11 +408,12 @@ def main() -> None:
         )
         load.start()
         time.sleep(3)
-        loaded = _measure(args.alarms, broker.port, (topic_arrivals, hook_arrivals), 100_000)
+        *loaded, sent = _measure(args.alarms, broker.port, (topic_arrivals, hook_arrivals), 100_000)
         stop.set()
         load.join(30)
         _report(f"{args.load / 1000:.0f}k/s", *loaded)
         _report_stages(stages, _stage_totals(base))
+        _report_split(database_url, sent, topic_arrivals)
         print(
             f"reproduce: .venv/bin/python -m bench.alert_latency --alarms {args.alarms} "
             f"--load {args.load:.0f}  ({os.cpu_count()} cores)"
