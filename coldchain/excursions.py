@@ -251,7 +251,12 @@ def feed(
     nothing is evaluated and the outcome carries a `Replay`: call `replay` as it says (the batch
     must be stored first, because the replay reads it back from the store).
     """
-    batch = sorted(((epoch_micros(r.ts), r.seq, r) for r in readings), key=_by_time)
+    if isinstance(readings, list) and len(readings) == 1:
+        # The usual take under load: one reading of each dewar, nothing to sort.
+        only = readings[0]
+        batch = [(epoch_micros(only.ts), only.seq, only)]
+    else:
+        batch = sorted(((epoch_micros(r.ts), r.seq, r) for r in readings), key=_by_time)
     cur = state.current
     if cur.wm_ts is not None:
         wm = (cur.wm_ts, cur.wm_seq)
@@ -352,7 +357,7 @@ class _Plan:
     rules' settings in microseconds. Built once per profile object (`_plan`)."""
 
     __slots__ = (
-        "budgets",
+        "budget_of",
         "cap",
         "jump_window",
         "limits",
@@ -383,7 +388,7 @@ class _Plan:
             was_low, was_high = inside.get(metric, (-math.inf, math.inf))
             inside[metric] = (max(was_low, low), min(was_high, high))
         self.quiet = tuple((metric, low, high) for metric, (low, high) in inside.items())
-        self.budgets = tuple((limit.rule, limit.budget_s is not None) for limit in profile.limits)
+        self.budget_of = {limit.rule: limit.budget_s is not None for limit in profile.limits}
         self.cap = int(profile.signal_lost_after_s * _US)
         self.jump_window = int(profile.expected_interval_s * JUMP_WINDOW_INTERVALS * _US)
         rate = profile.rate_limit_c_per_min
@@ -392,6 +397,18 @@ class _Plan:
 
 
 _plans: dict[int, _Plan] = {}
+_deadlines: dict[datetime, int] = {}
+
+
+def _deadline_micros(deliver_by: datetime) -> int:
+    """`epoch_micros` of a shipment's deadline, remembered: the same few thousand deadlines
+    come with every reading, and hashing one costs a tenth of converting it."""
+    micros = _deadlines.get(deliver_by)
+    if micros is None:
+        if len(_deadlines) >= 4096:
+            _deadlines.clear()
+        micros = _deadlines[deliver_by] = epoch_micros(deliver_by)
+    return micros
 
 
 def _plan(profile: Profile) -> _Plan:
@@ -427,7 +444,7 @@ class _Run:
         self.profile = profile
         self.state = state
         self.out: list[AlarmTransition] = []
-        self.deliver = None if deliver_by is None else epoch_micros(deliver_by)
+        self.deliver = None if deliver_by is None else _deadline_micros(deliver_by)
         self.cap = plan.cap
         self.jump_window = plan.jump_window
         self.rate_limit = plan.rate_limit
@@ -457,10 +474,11 @@ class _Run:
 
     def _any_active(self) -> bool:
         """Whether a limit is breached (waiting out its delay), counting its budget, or open."""
-        tracks = self.state.current.tracks
-        for rule, budget in self.plan.budgets:
-            track = tracks.get(rule)
-            if track is not None and (
+        # Over the tracks the state has (a calm dewar has one or two), not over every limit.
+        budget_of = self.plan.budget_of
+        for rule, track in self.state.current.tracks.items():
+            budget = budget_of.get(rule)
+            if budget is not None and (
                 track.last is not None if budget else track.open or track.since is not None
             ):
                 return True
@@ -574,8 +592,10 @@ class _Run:
             dt = t - prev_t
             dv = v - cur.temp
             jumped = dt <= self.jump_window and abs(dv) > profile.max_jump_c
-            jump = self._track(SENSOR_JUMP)
+            jump = cur.tracks.get(SENSOR_JUMP)
             if jumped:
+                if jump is None:
+                    jump = self._track(SENSOR_JUMP)
                 if not jump.open:
                     jump.open, jump.since, jump.peak = True, t, abs(dv)
                     self._emit(
@@ -591,7 +611,7 @@ class _Run:
                     )
                 elif abs(dv) > jump.peak:
                     jump.peak = abs(dv)
-            elif jump.open:
+            elif jump is not None and jump.open:
                 jump.open = False
                 self._emit(
                     SENSOR_JUMP,

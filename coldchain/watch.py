@@ -101,9 +101,11 @@ class _Tracked:
         self.eta = eta
         self.cold_until = cold_until(shipment.deliver_by, eta)
 
-    def received(self, items: Sequence[IncomingReading]) -> None:
-        """Readings of the dewar arrived: it is not silent, whether or not they are fed."""
-        self.last_received = max(self.last_received, max(i.received_at for i in items))
+    def received(self, newest: datetime) -> None:
+        """Readings of the dewar arrived, the newest received at `newest`: it is not silent,
+        whether or not they are fed."""
+        if newest > self.last_received:
+            self.last_received = newest
 
     def update(self, shipment: Shipment, eta: datetime | None) -> None:
         self.shipment = shipment  # status, deliver_by and window may change
@@ -280,8 +282,9 @@ class Watch:
         ingest has settled first (`_refresh`)."""
         readings = await self._store.readings_since(tracked.shipment, tracked.fed_through)
         if readings:
-            tracked.received(readings)
-            await self._evaluate(tracked, readings)
+            newest = max(i.received_at for i in readings)
+            tracked.received(newest)
+            await self._evaluate(tracked, readings, newest)
         open_lost = [
             a
             for a in await self._store.open_alarms(tracked.shipment.id)
@@ -456,36 +459,37 @@ class Watch:
         by_dewar: dict[str, list[IncomingReading]] = defaultdict(list)
         for item in readings:
             by_dewar[item.dewar_id].append(item)
-        if self._stale or any(d not in self._by_dewar for d in by_dewar):
+        if self._stale or not self._by_dewar.keys() >= by_dewar.keys():
             await self._refresh()
-        started = time.perf_counter()
+        clock = time.perf_counter
+        started = clock()
         for dewar, items in by_dewar.items():
-            if time.perf_counter() - started > YIELD_EVERY_S:
+            if clock() - started > YIELD_EVERY_S:
                 # A batch of thousands of readings is tens of milliseconds of evaluation: let
                 # the deliveries and requests waiting on the event loop go on in between.
                 await asyncio.sleep(0)
-                started = time.perf_counter()
+                started = clock()
             for shipment in self._by_dewar.get(dewar, ()):
-                mine = [
-                    i
-                    for i in items
-                    if i.reading.ts >= shipment.starts_at
-                    and (shipment.ends_at is None or i.reading.ts < shipment.ends_at)
-                ]
+                mine = _within(shipment, items)
                 tracked = self._tracked.get(shipment.id)
                 if not mine or tracked is None:
                     continue
-                tracked.received(mine)  # even when the catch-up fed them already
+                newest = mine[0].received_at if len(mine) == 1 else max(i.received_at for i in mine)
+                tracked.received(newest)  # even when the catch-up fed them already
                 mine = _unseen(tracked, mine)
                 if mine:
-                    await self._evaluate(tracked, mine)
+                    await self._evaluate(tracked, mine, newest)
                 if tracked.signal_lost_since is not None:
                     self._silence_one(tracked, datetime.now(UTC))
         if len(self._pending) > MAX_PENDING:
             # PostgreSQL is slow or away: let the ingest feel it rather than hold more here.
             await self._applied_through(self._enqueued - MAX_PENDING // 2)
 
-    async def _evaluate(self, tracked: _Tracked, items: Sequence[IncomingReading]) -> None:
+    async def _evaluate(
+        self, tracked: _Tracked, items: Sequence[IncomingReading], newest: datetime
+    ) -> None:
+        """Feed `items` to the shipment's rules; `newest` is the latest `received_at` of the
+        readings it arrived with (`items` may be fewer: `_unseen`)."""
         shipment = tracked.shipment
         profile = self._profiles.get(shipment.profile)
         if profile is None:
@@ -510,7 +514,6 @@ class Watch:
                 [i.reading for i in history],
                 deliver_by=tracked.cold_until,
             )
-        newest = max(i.received_at for i in items)
         tracked.fed_through = max(tracked.fed_through or newest, newest)
         tracked.dirty = True
         if transitions:
@@ -557,6 +560,15 @@ class Watch:
             raise
 
 
+def _within(shipment: Shipment, items: list[IncomingReading]) -> list[IncomingReading]:
+    """The readings of the dewar that fall in the shipment's window (device time)."""
+    starts, ends = shipment.starts_at, shipment.ends_at
+    if len(items) == 1:  # the usual take under load: one reading of each dewar
+        ts = items[0].reading.ts
+        return items if ts >= starts and (ends is None or ts < ends) else []
+    return [i for i in items if i.reading.ts >= starts and (ends is None or i.reading.ts < ends)]
+
+
 def _unseen(tracked: _Tracked, items: list[IncomingReading]) -> list[IncomingReading]:
     """Drop readings the rules already saw: a catch-up (at start, or for a shipment the watch
     just learned of) reads every stored reading received after `fed_through`, including those
@@ -565,7 +577,9 @@ def _unseen(tracked: _Tracked, items: list[IncomingReading]) -> list[IncomingRea
     never dropped; one before it is dropped only if it was received by `fed_through`, i.e. it
     was in what was fed (a late backlog arrives after it, so it is kept and replayed)."""
     fed = tracked.fed_through
-    if fed is None or all(i.received_at > fed for i in items):
+    if fed is None or (
+        items[0].received_at > fed if len(items) == 1 else all(i.received_at > fed for i in items)
+    ):
         return items  # the usual case: all received since the rules last ran
     watermark = tracked.state.watermark
     if watermark is None or all((i.reading.ts, i.reading.seq) > watermark for i in items):
