@@ -15,9 +15,10 @@ import aiohttp
 import asyncpg
 import pytest
 
+from coldchain.errors import Unstorable
 from coldchain.ingest import Ingest
 from coldchain.metrics import Registry
-from coldchain.store import Store
+from coldchain.store import IncomingReading, Store
 from sensors import Reading, encode_batch, encode_reading, status_topic, telemetry_topic
 from tests.support import eventually, make_token, publish_all, running_service, service_settings
 
@@ -574,3 +575,33 @@ async def test_times_are_stored_to_the_microsecond_whatever_the_offset(
     received = [r["received_at"] for r in rows]
     assert received[0] == received[1] == received[2] < received[3]
     assert before <= received[0] and received[3] <= after
+
+
+async def test_every_dewar_that_reported_has_its_row_also_after_a_batch_was_refused(
+    store: Store, database_url: str, unique: str
+) -> None:
+    """A store inserts the rows only of dewars it has not seen stored, and learns a dewar only
+    once its batch commits: a batch PostgreSQL refused leaves its dewars to the next one."""
+    at = datetime.now(UTC)
+    first, second = f"DW-{unique}-A", f"DW-{unique}-B"
+
+    def reading(dewar: str, seq: int, extra: dict[str, Any] | None = None) -> IncomingReading:
+        return IncomingReading(dewar, Reading(seq=seq, ts=at, temp_c=-190.0, extra=extra), at)
+
+    await store.write_batch([reading(first, 1)], [])
+    with pytest.raises(Unstorable):
+        # jsonb cannot hold a NUL: the whole batch is rolled back, the second dewar's row too.
+        await store.write_batch([reading(first, 2), reading(second, 1, {"note": "\x00"})], [])
+    await store.write_batch([reading(first, 3), reading(second, 2)], [])
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT id FROM dewars WHERE id = ANY($1) ORDER BY id", [first, second]
+        )
+        stored = await conn.fetchval(
+            "SELECT count(*) FROM readings WHERE dewar_id = ANY($1)", [first, second]
+        )
+    finally:
+        await conn.close()
+    assert [r["id"] for r in rows] == [first, second]
+    assert stored == 3
