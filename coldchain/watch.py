@@ -282,7 +282,7 @@ class Watch:
         ingest has settled first (`_refresh`)."""
         readings = await self._store.readings_since(tracked.shipment, tracked.fed_through)
         if readings:
-            newest = max(i.received_at for i in readings)
+            newest = _newest(readings)
             tracked.received(newest)
             await self._evaluate(tracked, readings, newest)
         open_lost = [
@@ -474,7 +474,7 @@ class Watch:
                 tracked = self._tracked.get(shipment.id)
                 if not mine or tracked is None:
                     continue
-                newest = mine[0].received_at if len(mine) == 1 else max(i.received_at for i in mine)
+                newest = _newest(mine)
                 tracked.received(newest)  # even when the catch-up fed them already
                 mine = _unseen(tracked, mine)
                 if mine:
@@ -558,6 +558,13 @@ class Watch:
             for t in tracked:
                 t.dirty = True
             raise
+
+
+def _newest(items: Sequence[IncomingReading]) -> datetime:
+    """The latest `received_at` of `items` (not empty)."""
+    if len(items) == 1:  # the usual take under load
+        return items[0].received_at
+    return max(i.received_at for i in items)
 
 
 def _within(shipment: Shipment, items: list[IncomingReading]) -> list[IncomingReading]:
