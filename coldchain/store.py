@@ -1468,6 +1468,27 @@ def _alarm(row: asyncpg.Record) -> Alarm:
     )
 
 
+def _fresh_columns(alarms: Sequence[Alarm]) -> list[list[Any]]:
+    """New alarms as the columns `_record_changes` inserts, in its order."""
+    return [
+        [a.id for a in alarms],
+        [a.shipment_id for a in alarms],
+        [a.dewar_id for a in alarms],
+        [a.rule for a in alarms],
+        [a.episode_key for a in alarms],
+        [str(a.severity) for a in alarms],
+        [str(a.state) for a in alarms],
+        [a.condition_active for a in alarms],
+        [a.started_at for a in alarms],
+        [a.raised_at for a in alarms],
+        [a.cleared_at for a in alarms],
+        [a.value for a in alarms],
+        [a.limit for a in alarms],
+        [a.message for a in alarms],
+        [a.next_notify_at for a in alarms],
+    ]
+
+
 def _after(alarm: Alarm, t: Transition) -> tuple[Alarm, bool]:
     """The alarm after transition `t` of its episode, and whether that is a change people hear
     of; the same alarm object when `t` changes nothing (a repeat, redelivered or re-derived)."""
@@ -1565,9 +1586,30 @@ _TRANSITION_ACTIONS: Final = {
     "reopened": "alarm.reopened",
 }
 
+#: How many times an alarm write is read, worked out and written before it gives up, each
+#: time because something it read changed before it could write (`apply_transitions_of`).
+_WRITE_ATTEMPTS: Final = 3
+
+
+@dataclass(frozen=True, slots=True)
+class _Episodes:
+    """What an alarm write reads before it works out the changes (`Store._read_episodes`)."""
+
+    current: dict[tuple[str, str], Alarm]  # by (shipment, episode key)
+    versions: dict[int, str]  # each alarm's row version (`xmin`) as read
+    recipients: list[Recipient]
+    fingerprint: str  # the recipients' version (`coldchain_recipients_version()`)
+    change_ids: list[int]
+    alarm_ids: list[int]
+
 
 class Store(ShipmentStore):
     """Every query the service makes: telemetry, shipments, and alarms with their outbox."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        super().__init__(pool)
+        # Alarm writes that found what they read changed, and were worked out again.
+        self.alarm_write_retries = 0
 
     async def apply_transitions(
         self, shipment: Shipment, transitions: Sequence[Transition]
@@ -1583,11 +1625,15 @@ class Store(ShipmentStore):
         claim: int = 0,
         claimed: list[Notification] | None = None,
     ) -> list[Alarm]:
-        """`apply_transitions` for several shipments in one transaction (a committed batch's
-        worth), each shipment's in order. Set-based: the episodes' alarms are locked and read in
-        one statement, each transition's effect is worked out here in order, and the new alarms,
-        their updates, the changes, the outbox rows and the audit entries are written with a
-        statement each, however many transitions there are.
+        """`apply_transitions` for several shipments at once (a committed batch's worth), each
+        shipment's in order, all or nothing. Set-based, and in two round trips when nobody else
+        changes the same alarms meanwhile: the episodes' alarms, the recipients and ids are read
+        in one statement (without a lock, outside a transaction), each transition's effect is
+        worked out here in order, and everything is written in one more statement, which first
+        checks that what was read is unchanged (`_record_changes`). When it is not (a person
+        acknowledged one of the alarms meanwhile), nothing was written, and it is all read and
+        worked out again. Without a transaction open across the round trips, each of which
+        waits a turn of a busy event loop, there are two of them instead of four.
 
         With `claim`, up to that many of the outbox rows due at once are written claimed (as
         `due_notifications` claims them) and appended to `claimed`, for the caller's dispatcher
@@ -1595,131 +1641,156 @@ class Store(ShipmentStore):
         items = [(shipment, t) for shipment, transitions in work for t in transitions]
         if not items:
             return []
-        async with self._connection() as conn, conn.transaction():
-            current, fresh, recipients, ids = await self._lock_episodes(conn, items)
-            touched: dict[int, Alarm] = {}  # alarms that were there before, in their new state
-            changes: list[tuple[Alarm, Shipment, Transition]] = []
-            for shipment, t in items:
-                key = (shipment.id, t.episode_key)
-                alarm = current.get(key)
-                if alarm is None:
-                    alarm = fresh.pop(key, None) if t.kind == "raised" else None
-                    if alarm is None:
-                        logger.warning(
-                            "transition %s for unknown episode %s of %s; ignored",
-                            t.kind,
-                            t.episode_key,
-                            shipment.id,
-                        )
-                        continue
-                    current[key] = alarm
-                    changes.append((alarm, shipment, t))
-                    continue
-                after, changed = _after(alarm, t)
-                if after is alarm:
-                    continue
-                current[key] = touched[after.id] = after
-                if changed:
-                    changes.append((after, shipment, t))
+        async with self._connection() as conn:
+            for attempt in range(_WRITE_ATTEMPTS):
+                try:
+                    return await self._write_transitions(conn, items, claim, claimed)
+                except asyncpg.SerializationError:
+                    # Not a word of it was written; `claimed` is only appended to after the write.
+                    self.alarm_write_retries += 1
+                    if attempt == _WRITE_ATTEMPTS - 1:
+                        raise
+        raise AssertionError("unreachable")
 
-            def audit(change_ids: Sequence[int]) -> list[_AuditRow]:
-                return [
-                    (
-                        RULES_ACTOR,
-                        _TRANSITION_ACTIONS[t.kind],
-                        "alarm",
-                        str(a.id),
-                        {
-                            "change_id": change_id,
-                            "rule": a.rule,
-                            "shipment_id": a.shipment_id,
-                            "state": str(a.state),
-                            "severity": str(a.severity),
-                            "at": t.at,  # device time
-                            "value": t.value,
-                            "limit": t.limit,
-                            "message": a.message,
-                        },
+    async def _write_transitions(
+        self,
+        conn: Connection,
+        items: Sequence[tuple[Shipment, Transition]],
+        claim: int,
+        claimed: list[Notification] | None,
+    ) -> list[Alarm]:
+        read = await self._read_episodes(conn, items)
+        current = read.current
+        alarm_ids = iter(read.alarm_ids)
+        now = datetime.now(UTC)
+        fresh: dict[tuple[str, str], Alarm] = {}  # new episodes' alarms, in their latest state
+        touched: dict[int, Alarm] = {}  # alarms that were there before, in their new state
+        changes: list[tuple[Alarm, Shipment, Transition]] = []
+        for shipment, t in items:
+            key = (shipment.id, t.episode_key)
+            alarm = current.get(key)
+            if alarm is None:
+                if t.kind != "raised":
+                    logger.warning(
+                        "transition %s for unknown episode %s of %s; ignored",
+                        t.kind,
+                        t.episode_key,
+                        shipment.id,
                     )
-                    for (a, _, t), change_id in zip(changes, change_ids, strict=True)
-                ]
+                    continue
+                alarm = self._raised(next(alarm_ids), shipment, t, now)
+                current[key] = fresh[key] = alarm
+                changes.append((alarm, shipment, t))
+                continue
+            after, changed = _after(alarm, t)
+            if after is alarm:
+                continue
+            current[key] = after
+            if key in fresh:
+                fresh[key] = after
+            else:
+                touched[after.id] = after
+            if changed:
+                changes.append((after, shipment, t))
 
-            await self._record_changes(
-                conn,
-                [(a, s, None, None) for a, s, _ in changes],
-                recipients,
-                audit=audit,
-                updated=list(touched.values()),
-                change_ids=ids[: len(changes)],
-                claim=claim,
-                claimed=claimed,
-            )
+        def audit(change_ids: Sequence[int]) -> list[_AuditRow]:
+            return [
+                (
+                    RULES_ACTOR,
+                    _TRANSITION_ACTIONS[t.kind],
+                    "alarm",
+                    str(a.id),
+                    {
+                        "change_id": change_id,
+                        "rule": a.rule,
+                        "shipment_id": a.shipment_id,
+                        "state": str(a.state),
+                        "severity": str(a.severity),
+                        "at": t.at,  # device time
+                        "value": t.value,
+                        "limit": t.limit,
+                        "message": a.message,
+                    },
+                )
+                for (a, _, t), change_id in zip(changes, change_ids, strict=True)
+            ]
+
+        await self._record_changes(
+            conn,
+            [(a, s, None, None) for a, s, _ in changes],
+            read.recipients,
+            audit=audit,
+            updated=list(touched.values()),
+            change_ids=read.change_ids[: len(changes)],
+            claim=claim,
+            claimed=claimed,
+            fresh=list(fresh.values()),
+            unchanged=(read.versions, read.fingerprint),
+        )
         return [a for a, _, _ in changes]
 
-    async def _lock_episodes(
+    def _raised(self, alarm_id: int, shipment: Shipment, t: Transition, now: datetime) -> Alarm:
+        """The alarm of a new episode, as its first raise has it."""
+        remind = REMIND_AFTER[t.severity]
+        return Alarm(
+            id=alarm_id,
+            shipment_id=shipment.id,
+            dewar_id=shipment.dewar_id,
+            rule=t.rule,
+            episode_key=t.episode_key,
+            severity=t.severity,
+            state=AlarmState.OPEN,
+            condition_active=True,
+            started_at=t.started_at,
+            raised_at=now,
+            cleared_at=None,
+            acknowledged_at=None,
+            acknowledged_by=None,
+            ack_comment=None,
+            closed_at=None,
+            closed_by=None,
+            close_comment=None,
+            value=t.value,
+            limit=t.limit,
+            message=t.message,
+            escalation_level=0,
+            next_notify_at=None if remind is None else now + remind * self.remind_scale,
+        )
+
+    async def _read_episodes(
         self, conn: Connection, items: Sequence[tuple[Shipment, Transition]]
-    ) -> tuple[
-        dict[tuple[str, str], Alarm], dict[tuple[str, str], Alarm], list[Recipient], list[int]
-    ]:
-        """In one round trip: the alarms of the items' episodes that exist, locked (in id order,
-        so that two writers cannot deadlock); the alarm of each new episode, inserted as its
-        first raise has it; the active recipients; and ids for as many alarm changes as there
-        are items (ascending; those not used are skipped)."""
+    ) -> _Episodes:
+        """In one round trip, without locking anything: the alarms of the items' episodes that
+        exist, each with its row version; the active recipients and their version; ids for as
+        many alarm changes as there are items, and for an alarm of each episode that the items
+        raise (ascending; those not used are skipped)."""
         keys = {(s.id, t.episode_key) for s, t in items}
-        first: dict[tuple[str, str], tuple[Shipment, Transition]] = {}
-        for shipment, t in items:
-            if t.kind == "raised":
-                first.setdefault((shipment.id, t.episode_key), (shipment, t))
-        now = datetime.now(UTC)
-        new = [
-            (
-                s.id,
-                s.dewar_id,
-                t.rule,
-                t.episode_key,
-                str(t.severity),
-                t.started_at,
-                t.value,
-                t.limit,
-                t.message,
-                None if remind is None else now + remind * self.remind_scale,
-            )
-            for s, t in first.values()
-            for remind in (REMIND_AFTER[t.severity],)
-        ]
-        columns = [list(column) for column in zip(*new, strict=True)] or [[]] * 10
-        # The insert skips the episodes that exist, which the lock (seeing the rows as they
-        # were before the statement) returns instead.
+        raised = len({(s.id, t.episode_key) for s, t in items if t.kind == "raised"})
         rows = await conn.fetch(
-            "WITH fresh AS (INSERT INTO alarms (shipment_id, dewar_id, rule, episode_key,"
-            " severity, state, started_at, value, limit_value, message, next_notify_at)"
-            " SELECT s, d, r, e, v, 'open', st, x, l, m, n FROM unnest($4::text[], $5::text[],"
-            " $6::text[], $7::text[], $8::text[], $9::timestamptz[], $10::float8[],"
-            " $11::float8[], $12::text[], $13::timestamptz[]) AS i (s, d, r, e, v, st, x, l, m, n)"
-            " ON CONFLICT (shipment_id, episode_key) DO NOTHING RETURNING *)"
-            " SELECT k.change_ids, k.recipients, a.* FROM (SELECT"
+            "SELECT k.change_ids, k.alarm_ids, k.recipients, k.fingerprint, a.* FROM (SELECT"
             " (SELECT array_agg(nextval(pg_get_serial_sequence('alarm_changes', 'id')))"
             " FROM generate_series(1, $3)) AS change_ids,"
-            " array(SELECT r FROM recipients r WHERE active ORDER BY id) AS recipients) k"
-            " LEFT JOIN LATERAL (SELECT false AS is_new, l.* FROM (SELECT a.* FROM alarms a"
+            " (SELECT array_agg(nextval(pg_get_serial_sequence('alarms', 'id')))"
+            " FROM generate_series(1, $4)) AS alarm_ids,"
+            " array(SELECT r FROM recipients r WHERE active ORDER BY id) AS recipients,"
+            " coldchain_recipients_version() AS fingerprint) k"
+            " LEFT JOIN LATERAL (SELECT a.xmin::text AS version, a.* FROM alarms a"
             " JOIN unnest($1::text[], $2::text[]) AS u (shipment_id, episode_key)"
-            " USING (shipment_id, episode_key) ORDER BY a.id FOR UPDATE OF a) l"
-            " UNION ALL SELECT true, f.* FROM fresh f) a ON true",
+            " USING (shipment_id, episode_key)) a ON true",
             [k[0] for k in keys],
             [k[1] for k in keys],
             len(items),
-            *columns,
+            raised,
         )
-        current: dict[tuple[str, str], Alarm] = {}
-        fresh: dict[tuple[str, str], Alarm] = {}
-        for r in rows:
-            if r["id"] is not None:
-                (fresh if r["is_new"] else current)[r["shipment_id"], r["episode_key"]] = _alarm(r)
-        return (
-            current,
-            fresh,
-            [_recipient(r) for r in rows[0]["recipients"]],
-            sorted(rows[0]["change_ids"] or ()),
+        first = rows[0]
+        alarms = [(_alarm(r), r["version"]) for r in rows if r["id"] is not None]
+        return _Episodes(
+            current={(a.shipment_id, a.episode_key): a for a, _ in alarms},
+            versions={a.id: version for a, version in alarms},
+            recipients=[_recipient(r) for r in first["recipients"]],
+            fingerprint=first["fingerprint"],
+            change_ids=sorted(first["change_ids"] or ()),
+            alarm_ids=sorted(first["alarm_ids"] or ()),
         )
 
     async def _record_changes(
@@ -1733,14 +1804,22 @@ class Store(ShipmentStore):
         change_ids: Sequence[int] | None = None,
         claim: int = 0,
         claimed: list[Notification] | None = None,
+        fresh: Sequence[Alarm] = (),
+        unchanged: tuple[Mapping[int, str], str] | None = None,
     ) -> list[int]:
         """Record alarm changes (the alarm as it is after each, who made it and why), in order,
         each with its outbox rows: the alert topic and every recipient who wants it. One
-        statement, however many changes, that also writes the `updated` alarms' new state and
-        the audit entries `audit` makes of the changes' ids. Returns those ids (`change_ids`
-        if given, else new ones). Up to `claim` rows due now are written claimed for a minute
-        and appended to `claimed` (see `apply_transitions_of`)."""
-        if not changes and not updated:
+        statement, however many changes, that also inserts the `fresh` alarms, writes the
+        `updated` alarms' new state and the audit entries `audit` makes of the changes' ids.
+        Returns those ids (`change_ids` if given, else new ones). Up to `claim` rows due now
+        are written claimed for a minute and appended to `claimed` (see
+        `apply_transitions_of`).
+
+        The statement writes nothing, and raises `asyncpg.SerializationError`, when a `fresh`
+        alarm's episode already has one, or, with `unchanged` (each alarm's row version as
+        read, and the recipients' fingerprint), when any of those alarms or the recipients
+        changed since: then what the caller worked out from them may be wrong."""
+        if not changes and not updated and not fresh:
             return []
         if change_ids is None or len(change_ids) < len(changes):
             change_ids = sorted(
@@ -1786,26 +1865,49 @@ class Store(ShipmentStore):
         # latest state: a change takes the place of the alarm's deliveries still held (earlier
         # reminders, or what came before someone acknowledged or closed it), and among this
         # statement's own rows those of earlier changes are written superseded (above).
+        versions, fingerprint = unchanged if unchanged is not None else ({}, None)
+        # The guard runs before anything is written (every write below is gated on it): it
+        # locks the alarms that were read, keeping those whose row version is still the one
+        # read (a lock waits for a writer in between and sees its row), and inserts the new
+        # episodes' alarms, which a conflict skips.
         inserted = await conn.fetch(
-            "WITH alarm_update AS (UPDATE alarms a SET state = u.state,"
+            "WITH locked AS (SELECT a.id FROM alarms a JOIN unnest($29::bigint[], $30::text[])"
+            " AS e (id, version) ON a.id = e.id WHERE a.xmin::text = e.version"
+            " ORDER BY a.id FOR UPDATE OF a),"
+            " fresh AS (INSERT INTO alarms (id, shipment_id, dewar_id, rule, episode_key,"
+            " severity, state, condition_active, started_at, raised_at, cleared_at, value,"
+            " limit_value, message, next_notify_at) SELECT * FROM unnest($31::bigint[],"
+            " $32::text[], $33::text[], $34::text[], $35::text[], $36::text[], $37::text[],"
+            " $38::bool[], $39::timestamptz[], $40::timestamptz[], $41::timestamptz[],"
+            " $42::float8[], $43::float8[], $44::text[], $45::timestamptz[])"
+            " ON CONFLICT (shipment_id, episode_key) DO NOTHING RETURNING id),"
+            " guard AS (SELECT coldchain_unchanged("
+            "(SELECT count(*) FROM locked) = cardinality($29::bigint[])"
+            " AND (SELECT count(*) FROM fresh) = cardinality($31::bigint[])"
+            " AND ($46::text IS NULL OR $46::text = coldchain_recipients_version())) AS ok),"
+            " alarm_update AS (UPDATE alarms a SET state = u.state,"
             " condition_active = u.active, cleared_at = u.cleared, value = u.value,"
             " message = u.message, next_notify_at = u.notify, updated_at = now()"
             " FROM unnest($1::bigint[], $2::text[], $3::bool[], $4::timestamptz[],"
             " $5::float8[], $6::text[], $7::timestamptz[])"
-            " AS u (id, state, active, cleared, value, message, notify) WHERE a.id = u.id),"
+            " AS u (id, state, active, cleared, value, message, notify)"
+            " WHERE a.id = u.id AND (SELECT ok FROM guard)),"
             " change AS (INSERT INTO alarm_changes (id, alarm_id, state, severity, actor,"
             " comment, escalation_level) SELECT * FROM unnest($8::bigint[], $9::bigint[],"
-            " $10::text[], $11::text[], $12::text[], $13::text[], $14::integer[])),"
+            " $10::text[], $11::text[], $12::text[], $13::text[], $14::integer[])"
+            " WHERE (SELECT ok FROM guard)),"
             " superseded AS (UPDATE notifications SET status = 'superseded'"
-            " WHERE alarm_id = ANY($9::bigint[]) AND status = 'pending' AND held_until > $15),"
+            " WHERE alarm_id = ANY($9::bigint[]) AND status = 'pending' AND held_until > $15"
+            " AND (SELECT ok FROM guard)),"
             " audit AS (INSERT INTO audit_log (actor, action, entity, entity_id, detail)"
             " SELECT ac, ax, en, ei, d::jsonb FROM unnest($16::text[], $17::text[], $18::text[],"
-            " $19::text[], $20::text[]) WITH ORDINALITY AS e (ac, ax, en, ei, d, n) ORDER BY n)"
+            " $19::text[], $20::text[]) WITH ORDINALITY AS e (ac, ax, en, ei, d, n)"
+            " WHERE (SELECT ok FROM guard) ORDER BY n)"
             " INSERT INTO notifications (change_id, alarm_id, channel, recipient_id, body,"
             " next_attempt_at, held_until, status)"
             " SELECT c, a, ch, r, b::jsonb, n, h, st FROM unnest($21::bigint[], $22::bigint[],"
             " $23::text[], $24::bigint[], $25::text[], $26::timestamptz[], $27::timestamptz[],"
-            " $28::text[]) AS u (c, a, ch, r, b, n, h, st)"
+            " $28::text[]) AS u (c, a, ch, r, b, n, h, st) WHERE (SELECT ok FROM guard)"
             " ON CONFLICT DO NOTHING RETURNING id, change_id, alarm_id, channel, recipient_id,"
             " next_attempt_at, status, created_at",
             [a.id for a in updated],
@@ -1825,6 +1927,10 @@ class Store(ShipmentStore):
             now,
             *audit_columns,
             *outbox,
+            list(versions),
+            list(versions.values()),
+            *_fresh_columns(fresh),
+            fingerprint,
         )
         if claimed is not None:
             by_id = {r.id: r for r in recipients}

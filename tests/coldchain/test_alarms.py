@@ -11,7 +11,7 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from datetime import time as dt_time
@@ -27,7 +27,7 @@ from aiohttp import web
 from aiosmtpd.controller import Controller
 from paho.mqtt.enums import CallbackAPIVersion
 
-from coldchain.alarms import Channel, Recipient
+from coldchain.alarms import AlarmState, Channel, Recipient
 from coldchain.auth import Actor, Role
 from coldchain.embedded import free_port
 from coldchain.profiles import Severity
@@ -1107,3 +1107,96 @@ async def test_a_batch_of_transitions_does_what_one_at_a_time_does(
     held = [(key, status) for key, _, name, status, _ in outbox_seen if name == "asleep"]
     assert [s for k, s in held if k == "temp:1"] == ["superseded"] * 3 + ["pending"]
     assert [s for k, s in held if k == "glass:1"] == ["pending", "pending"]
+
+
+# The alarm writer reads without a lock and writes in one guarded statement -------------------
+
+
+def _interrupted(
+    store: Store, monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[], Awaitable[object]]
+) -> None:
+    """Make `meanwhile` happen between the alarm writer's first read and its write."""
+    read = store._read_episodes
+    done: list[object] = []
+
+    async def read_then(conn: Any, items: Any) -> Any:
+        episodes = await read(conn, items)
+        if not done:
+            done.append(await meanwhile())
+        return episodes
+
+    monkeypatch.setattr(store, "_read_episodes", read_then)
+
+
+def _temp(kind: str, minute: int, value: float, now: datetime) -> Transition:
+    at = now + timedelta(minutes=minute)
+    return Transition(
+        "temp:1", "temp_high", Severity.MAJOR, kind, now, at, value, -150, f"{kind} {value}"
+    )
+
+
+async def test_an_acknowledgement_while_the_writer_works_is_kept_and_the_clear_written_after_it(
+    outbox: tuple[Store, Shipment], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A person acknowledges between the writer's read and its write. Written from what it had
+    read, the clear would put back the reminder the acknowledgement stopped, and tell everyone
+    an alarm nobody had taken; the guard refuses it, and it is worked out again."""
+    store, shipment = outbox
+    now = datetime.now(UTC)
+    (raised,) = await store.apply_transitions(shipment, [_temp("raised", 0, -140, now)])
+    assert raised.next_notify_at is not None
+    operator = Actor(7, "night shift", Role.OPERATOR)
+    _interrupted(store, monkeypatch, lambda: store.acknowledge_alarm(raised.id, "on it", operator))
+    (cleared,) = await store.apply_transitions(shipment, [_temp("cleared", 2, -160, now)])
+    assert store.alarm_write_retries == 1
+    alarm, changes = await store.alarm(raised.id)
+    assert alarm == cleared
+    assert (alarm.state, alarm.condition_active) == (AlarmState.CLEARED, False)
+    assert (alarm.acknowledged_by, alarm.next_notify_at) == (operator.label, None)
+    assert [c.state for c in changes] == [
+        AlarmState.OPEN,
+        AlarmState.ACKNOWLEDGED,
+        AlarmState.CLEARED,
+    ]
+    (_, _, clear_log) = [n for n, _ in await store.delivery_log(raised.id) if n.recipient is None]
+    assert clear_log.body["acknowledged_by"] == operator.label
+
+
+async def test_a_recipient_added_while_the_writer_works_hears_the_alarm(
+    outbox: tuple[Store, Shipment], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, shipment = outbox
+    now = datetime.now(UTC)
+    await _unreachable_hook(store, "early")
+    _interrupted(store, monkeypatch, lambda: _unreachable_hook(store, "late"))
+    (raised,) = await store.apply_transitions(shipment, [_temp("raised", 0, -140, now)])
+    assert store.alarm_write_retries == 1
+    heard = [
+        n.recipient.name if n.recipient else None for n, _ in await store.delivery_log(raised.id)
+    ]
+    assert sorted(heard, key=str) == sorted([None, "early", "late"], key=str)
+
+
+async def test_an_episode_another_writer_raised_meanwhile_is_one_alarm_raised_once(
+    outbox: tuple[Store, Shipment], monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    """Two instances judge the same reading (a redelivery after a restart, or a shared
+    subscription handing it over): one alarm, one raise, one delivery per recipient."""
+    store, shipment = outbox
+    now = datetime.now(UTC)
+    other = await Store.open(database_url)
+    try:
+        _interrupted(
+            store,
+            monkeypatch,
+            lambda: other.apply_transitions(shipment, [_temp("raised", 0, -140, now)]),
+        )
+        assert await store.apply_transitions(shipment, [_temp("raised", 0, -139, now)]) == []
+    finally:
+        await other.close()
+    assert store.alarm_write_retries == 1
+    (alarm,) = await store.open_alarms(shipment.id)
+    _, changes = await store.alarm(alarm.id)
+    assert [c.state for c in changes] == [AlarmState.OPEN]
+    assert alarm.value == -139  # the later raise's value, quietly
+    assert len(await store.delivery_log(alarm.id)) == 1
