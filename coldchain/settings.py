@@ -83,9 +83,7 @@ class Settings:
     batch_size: int = 4000
     flush_interval_s: float = 0.005
     ingest_writers: int = 2
-    # Connections: the ingest's writers, the rules' two alarm writers, and the rest (the
-    # dispatcher, the rules' other reads, the API) share the pool.
-    db_pool_size: int = 6
+    db_pool_size: int = 4
     backoff_cap_s: float = 5.0
     # Reverse proxies (addresses or networks) whose X-Forwarded-For names the client.
     trusted_proxies: tuple[str, ...] = ()

@@ -67,9 +67,6 @@ TAKE_READINGS: Final = 4000  # readings evaluated per turn, at most (then the ne
 MAX_PENDING: Final = 5000  # shipments' worth of alarm changes queued before evaluation waits
 FLUSH_TIMEOUT_S: Final = 5.0
 YIELD_EVERY_S: Final = 0.005  # longest stretch of evaluation without letting others run
-#: Alarm writes in flight at once, each for other shipments than the others': a new alarm does
-#: not wait for the write before it (a shipment's transitions are still written in order).
-ALARM_WRITERS: Final = 2
 # Rule state is saved as msgpack: compact, and several times cheaper to encode than JSON.
 _state_encoder: Final = msgspec.msgpack.Encoder()
 _state_decoder: Final = msgspec.msgpack.Decoder(RuleState)
@@ -199,15 +196,10 @@ class Watch:
         self._refreshed = 0.0
         self._stale = False
         self.ready = asyncio.Event()
-        # The alarm writers' queue: transitions in evaluation order, by entry number, kept
-        # until applied.
-        self._pending: dict[int, tuple[Shipment, list[Transition]]] = {}
-        self._enqueued = 0  # entries ever put in `_pending`, the next entry's number
-        self._applied = 0  # entries applied (or given up on) with every entry before them
-        self._applied_ahead: set[int] = set()  # entries applied before an earlier one was
-        self._writing: set[str] = set()  # shipments whose entries a writer is applying
-        self._taken: set[int] = set()  # entries a writer is applying
-        self._claiming = 0  # outbox room the writers in flight may claim
+        # The alarm writer's queue: transitions in evaluation order, kept until applied.
+        self._pending: list[tuple[Shipment, list[Transition]]] = []
+        self._enqueued = 0  # entries ever put in `_pending`
+        self._applied = 0  # entries ever applied (or given up on)
         self._work = asyncio.Event()
         self._progress = asyncio.Event()
         self._eval_seconds = registry.histogram(
@@ -304,10 +296,7 @@ class Watch:
     # The loops -----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        writers = [
-            asyncio.create_task(self._write_alarms(), name=f"alarm writer {i}")
-            for i in range(ALARM_WRITERS)
-        ]
+        writer = asyncio.create_task(self._write_alarms(), name="alarm writer")
         try:
             while True:
                 try:
@@ -317,13 +306,11 @@ class Watch:
                     logger.warning("rules cannot start yet: %s", exc)
                     await asyncio.sleep(1.0)
             self.ready.set()
-            await asyncio.gather(self._consume(), self._beat(), *writers)
+            await asyncio.gather(self._consume(), self._beat(), writer)
         finally:
-            for writer in writers:
-                writer.cancel()
-            for writer in writers:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await writer
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
 
     async def _consume(self) -> None:
         while True:
@@ -381,7 +368,7 @@ class Watch:
             if self._pending:
                 try:
                     async with asyncio.timeout(FLUSH_TIMEOUT_S):
-                        await self._store.apply_transitions_of(list(self._pending.values()))
+                        await self._store.apply_transitions_of(self._pending)
                 except TimeoutError:
                     logger.warning(
                         "%d shipments' alarm changes not applied at shutdown; rule state not "
@@ -389,86 +376,55 @@ class Watch:
                         len(self._pending),
                     )
                     return
-                self._applied = self._enqueued
-                self._applied_ahead.clear()
+                self._applied += len(self._pending)
                 self._pending.clear()
             await self._save([t for t in self._tracked.values() if t.dirty])
 
     # The alarm writer ------------------------------------------------------------------------
 
     def _enqueue(self, shipment: Shipment, transitions: list[Transition]) -> None:
-        self._pending[self._enqueued] = (shipment, transitions)
+        self._pending.append((shipment, transitions))
         self._enqueued += 1
         self._work.set()
 
-    def _take_work(self) -> list[int]:
-        """The queued entries a writer may apply now: all not being applied, except those of
-        shipments another writer is applying (they wait, so each shipment's stay in order)."""
-        taken = [
-            n
-            for n, (shipment, _) in self._pending.items()
-            if n not in self._taken and shipment.id not in self._writing
-        ]
-        self._taken.update(taken)
-        self._writing.update(self._pending[n][0].id for n in taken)
-        return taken
-
-    def _done(self, taken: list[int], applied: bool) -> None:
-        for n in taken:
-            self._taken.discard(n)
-            self._writing.discard(self._pending[n][0].id)
-        if not applied:
-            return  # to be taken again
-        for n in taken:
-            del self._pending[n]
-            self._applied_ahead.add(n)
-        while self._applied in self._applied_ahead:
-            self._applied_ahead.remove(self._applied)
-            self._applied += 1
-        self._progress.set()
-
     async def _write_alarms(self) -> None:
-        """Apply queued transitions, all that accumulated in one transaction, in order, with
-        `ALARM_WRITERS` of these at once. Rules go on evaluating the next batches meanwhile,
-        so the database's round trips for alarms do not hold up evaluation. Nothing is dropped
-        while PostgreSQL is away."""
+        """Apply queued transitions, all that accumulated in one transaction, in order. Rules go
+        on evaluating the next batches meanwhile, so the database's round trips for alarms do
+        not hold up evaluation. Nothing is dropped while PostgreSQL is away."""
         while True:
-            taken = self._take_work()
-            if not taken:
-                self._work.clear()
-                await self._work.wait()
-                continue
-            work = [self._pending[n] for n in taken]
-            started = time.perf_counter()
-            claimed: list[Notification] = []
-            room = 0 if self._outbox is None else max(0, self._outbox.room() - self._claiming)
-            self._claiming += room
-            left_due = True  # outbox rows may be due that nobody claimed
-            try:
-                changed = await self._store.apply_transitions_of(work, claim=room, claimed=claimed)
-                left_due = len(claimed) >= room
-                self._write_seconds.observe(time.perf_counter() - started)
-            except StoreUnavailable as exc:
-                self._done(taken, applied=False)
-                logger.warning("alarm changes waiting for PostgreSQL: %s", exc)
-                await asyncio.sleep(1.0)
-                continue
-            except Exception:
-                logger.exception(
-                    "alarm changes of %d shipments failed together; trying each alone",
-                    len(work),
-                )
-                changed = await self._apply_one_by_one(work)
-            finally:
-                self._claiming -= room
-            self._done(taken, applied=True)
-            self._work.set()  # the entries that waited for these shipments may go now
-            if self._outbox is not None:
-                if claimed:
-                    self._outbox.take(claimed)
-                if changed and left_due:
-                    self._outbox.wake()
-            self._changed(changed)
+            await self._work.wait()
+            self._work.clear()
+            while self._pending:
+                work = self._pending[:]
+                started = time.perf_counter()
+                claimed: list[Notification] = []
+                room = self._outbox.room() if self._outbox is not None else 0
+                left_due = True  # outbox rows may be due that nobody claimed
+                try:
+                    changed = await self._store.apply_transitions_of(
+                        work, claim=room, claimed=claimed
+                    )
+                    left_due = len(claimed) >= room
+                    self._write_seconds.observe(time.perf_counter() - started)
+                except StoreUnavailable as exc:
+                    logger.warning("alarm changes waiting for PostgreSQL: %s", exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                except Exception:
+                    logger.exception(
+                        "alarm changes of %d shipments failed together; trying each alone",
+                        len(work),
+                    )
+                    changed = await self._apply_one_by_one(work)
+                del self._pending[: len(work)]
+                self._applied += len(work)
+                self._progress.set()
+                if self._outbox is not None:
+                    if claimed:
+                        self._outbox.take(claimed)
+                    if changed and left_due:
+                        self._outbox.wake()
+                self._changed(changed)
 
     async def _apply_one_by_one(self, work: list[tuple[Shipment, list[Transition]]]) -> list[Alarm]:
         """After an unexpected failure: each shipment on its own, so that one shipment's bad

@@ -271,10 +271,10 @@ async def test_readings_the_catch_up_fed_count_as_received_for_signal_lost(
             tracked = watch._tracked[shipment.id]
             assert tracked.last_received == now
             await watch._check_silence(datetime.now(UTC))
-            assert [t.rule for _, ts in watch._pending.values() for t in ts] == []
+            assert [t.rule for _, ts in watch._pending for t in ts] == []
             # Silence after the readings still counts from their arrival.
             await watch._check_silence(now + timedelta(minutes=16))
-            assert [t.rule for _, ts in watch._pending.values() for t in ts] == ["signal_lost"]
+            assert [t.rule for _, ts in watch._pending for t in ts] == ["signal_lost"]
     finally:
         await store.close()
 
@@ -325,7 +325,7 @@ async def test_a_late_reading_judged_on_arrival_is_replayed_once_it_is_stored(
             knock = _reading(dewar, packed, 99, 11.5, shock=25.0)  # late: between two it has seen
             watch.arrived([knock])
             await eventually(lambda: _waiting(gate), lambda n: n == 1)
-            assert not [t for _, ts in watch._pending.values() for t in ts]
+            assert not [t for _, ts in watch._pending for t in ts]
             await store.write_batch([knock], [])
             gate.open.set()
             await eventually(
@@ -374,75 +374,3 @@ async def test_readings_passed_over_before_the_watch_knew_the_shipment_are_caugh
             )
     finally:
         await store.close()
-
-
-class _Held(Store):
-    """The real store, whose first alarm write for one shipment waits until the test lets it
-    go."""
-
-    held = ""
-    let_go: asyncio.Event
-    writes: list[list[str]]
-
-    async def apply_transitions_of(
-        self,
-        work: Sequence[tuple[Shipment, Sequence[Transition]]],
-        *,
-        claim: int = 0,
-        claimed: list[Notification] | None = None,
-    ) -> list[Alarm]:
-        self.writes.append([f"{s.id} {t.rule} {t.kind}" for s, ts in work for t in ts])
-        if any(s.id == self.held for s, _ in work):
-            self.held = ""
-            await self.let_go.wait()
-        return await super().apply_transitions_of(work, claim=claim, claimed=claimed)
-
-
-@pytest.mark.postgres
-async def test_a_new_alarm_does_not_wait_for_a_slow_write_and_each_shipment_stays_in_order(
-    database_url: str, unique: str
-) -> None:
-    """Two alarm writers: one shipment's write held up (PostgreSQL slow on its rows) does not
-    hold up another shipment's alarm, and the held shipment's next change waits for it."""
-    store = await _Held.open(database_url)
-    store.let_go, store.writes = asyncio.Event(), []
-    try:
-        packed = datetime.now(UTC) - timedelta(hours=1)
-        slow = await _in_transit(store, f"DW-SLOW-{unique}", f"SH-SLOW-{unique}", packed)
-        quick = await _in_transit(store, f"DW-QUICK-{unique}", f"SH-QUICK-{unique}", packed)
-        store.held = slow.id
-        watch = Watch(store, Registry(), on_change=lambda alarms: None, beat_s=3600)
-        async with _running(watch):
-
-            async def arrive(shipment: Shipment, seq: int, shock: float) -> None:
-                item = _reading(shipment.dewar_id, packed, seq, seq, shock=shock)
-                await store.write_batch([item], [])
-                watch.arrived([item])
-                await eventually(lambda: _queued(watch), lambda n: n == 0)
-
-            await arrive(slow, 1, 25.0)  # a knock: its write is held
-            await eventually(lambda: _writes(store), lambda w: len(w) == 1)
-            await arrive(slow, 2, 0.1)  # calm: the knock's episode ends
-            await arrive(quick, 1, 25.0)
-            await eventually(lambda: _open_rules(store, quick.id), lambda r: r == ["shock"])
-            assert await store.open_alarms(slow.id) == []
-            # The slow shipment's clear was not written beside its raise, nor before it.
-            assert not any(f"{slow.id} shock cleared" in write for write in store.writes[1:]), (
-                store.writes
-            )
-            store.let_go.set()
-            await eventually(lambda: _pending(watch), lambda n: n == 0)
-        (alarm,) = [a for a, _ in await store.alarm_history(slow.id)]
-        _, changes = await store.alarm(alarm.id)
-        assert [str(c.state) for c in changes] == ["open", "cleared"]
-        assert watch._applied == watch._enqueued
-    finally:
-        await store.close()
-
-
-async def _writes(store: _Held) -> list[list[str]]:
-    return store.writes
-
-
-async def _pending(watch: Watch) -> int:
-    return len(watch._pending)
