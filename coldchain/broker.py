@@ -146,6 +146,17 @@ class BrokerLink:
     def resume_reading(self) -> None:
         self._flowing.set()
 
+    def publish_now(self, topic: str, payload: bytes, *, qos: int = 1) -> bool:
+        """Publish if it can go at once (connected, and a packet id free at QoS 1); False if
+        not, and then nothing was sent. Publishing is a write to the socket."""
+        if not self.connected:
+            return False
+        try:
+            self._client.publish(topic, payload, qos=qos)
+        except OverflowError:
+            return False
+        return True
+
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> None:

@@ -29,13 +29,16 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from coldchain.alarms import AlarmState, Channel, Recipient
 from coldchain.auth import Actor, Role
+from coldchain.broker import BrokerLink
 from coldchain.embedded import free_port
+from coldchain.metrics import Registry
+from coldchain.notify import Dispatcher
 from coldchain.profiles import Severity
 from coldchain.settings import MqttAddress, Settings
 from coldchain.shipments import Shipment, Status
 from coldchain.store import Notification, Store, Transition
 from routing import example_network
-from sensors import Reading, encode_batch, encode_reading, telemetry_topic
+from sensors import Reading, alert_topic, encode_batch, encode_reading, telemetry_topic
 from tests.support import eventually, make_token, publish_all, running_service, service_settings
 
 pytestmark = [pytest.mark.postgres, pytest.mark.mqtt]
@@ -1200,3 +1203,92 @@ async def test_an_episode_another_writer_raised_meanwhile_is_one_alarm_raised_on
     assert [c.state for c in changes] == [AlarmState.OPEN]
     assert alarm.value == -139  # the later raise's value, quietly
     assert len(await store.delivery_log(alarm.id)) == 1
+
+
+async def test_an_alert_handed_to_the_dispatcher_is_published_before_the_hand_over_returns(
+    outbox: tuple[Store, Shipment], mqtt_url: str
+) -> None:
+    """The alert topic's delivery goes out within the alarm writer's own turn of the event
+    loop, not a task's later one; when the broker can take no more QoS 1 publishes in flight,
+    it waits in a task instead and goes once it can."""
+    store, shipment = outbox
+    address = MqttAddress.parse(mqtt_url)
+    got: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    listener = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"alerts-{shipment.id}")
+
+    def on_message(client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        with lock:
+            got.append(json.loads(msg.payload))
+
+    listener.on_message = on_message
+    listener.connect(address.host, address.port)
+    listener.subscribe(alert_topic(shipment.id), qos=1)
+    listener.loop_start()
+    link = BrokerLink(
+        address,
+        client_id=f"dispatch-{shipment.id}-{time.time_ns()}",
+        subscriptions=[],
+        handler=lambda messages: None,
+        receive_maximum=100,
+        session_expiry_s=60,
+    )
+    dispatcher = Dispatcher(store, link, Registry(), smtp_url=None)
+    running = asyncio.create_task(dispatcher.run())
+    now = datetime.now(UTC)
+
+    async def raised(key: str) -> Notification:
+        claimed: list[Notification] = []
+        await store.apply_transitions_of(
+            [
+                (
+                    shipment,
+                    [Transition(key, "shock", Severity.WARNING, "raised", now, now, 25, 10, "")],
+                )
+            ],
+            claim=10,
+            claimed=claimed,
+        )
+        (n,) = claimed
+        assert n.channel is Channel.MQTT
+        return n
+
+    async def heard() -> list[str]:
+        with lock:
+            return [str(body["change_id"]) for body in got]
+
+    try:
+        await link.run()
+        await asyncio.wait_for(link.wait_connected(), 10)
+        await asyncio.sleep(0.5)  # the listener's subscription is in place
+        first = await raised("shock:1")
+        dispatcher.take([first])
+        assert [sent[0] for sent in dispatcher._sent] == [first.id]  # no await in between
+        assert first.id not in dispatcher._in_flight
+        await eventually(heard, lambda ids: ids == [str(first.body["change_id"])])
+        # As if the broker allowed 3 in flight, and stop reading its PUBACKs: none comes free.
+        link._client._connection._protocol.id_generator._max = 4
+        transport = link._transport()
+        assert transport is not None
+        transport.pause_reading()
+        await asyncio.sleep(0.2)
+        while link.publish_now("coldchain/v1/test/filler", b"x"):
+            pass
+        second = await raised("shock:2")
+        dispatcher.take([second])
+        assert second.id in dispatcher._in_flight and len(dispatcher._sent) <= 1
+        transport.resume_reading()
+        await eventually(heard, lambda ids: str(second.body["change_id"]) in ids)
+
+        async def status() -> str:
+            ((n, _),) = await store.delivery_log(second.alarm_id)
+            return n.status
+
+        await eventually(status, lambda s: s == "sent")
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await link.close()
+        listener.disconnect()
+        listener.loop_stop()
