@@ -61,8 +61,6 @@ logger = logging.getLogger(__name__)
 SAVE_EVERY_S: Final = 15.0
 SILENCE_EVERY_S: Final = 15.0
 SHIPMENTS_EVERY_S: Final = 2.0
-GATHER_S: Final = 0.005  # how long the rules let readings gather before they take them...
-GATHER_ABOVE: Final = 200  # ...when the last take held at least this many
 TAKE_READINGS: Final = 4000  # readings evaluated per turn, at most (then the next turn)
 MAX_PENDING: Final = 5000  # shipments' worth of alarm changes queued before evaluation waits
 FLUSH_TIMEOUT_S: Final = 5.0
@@ -188,7 +186,6 @@ class Watch:
         self._outbox = outbox
         self._arrivals: deque[list[IncomingReading]] = deque()
         self._backlog = 0  # readings in `_arrivals`
-        self._last_take = 0  # readings the rules took last time
         self._arrived = asyncio.Event()
         self._tracked: dict[str, _Tracked] = {}  # by shipment id
         self._by_dewar: dict[str, list[Shipment]] = {}
@@ -315,12 +312,7 @@ class Watch:
     async def _consume(self) -> None:
         while True:
             await self._arrived.wait()
-            if self._last_take >= GATHER_ABOVE and self._backlog < TAKE_READINGS:
-                # Readings pour in: let more gather for a moment, since the rules cost per dewar
-                # and per take as much as per reading. A trickle is taken at once.
-                await asyncio.sleep(GATHER_S)
             batch = self._take()
-            self._last_take = len(batch)
             if not batch:
                 continue
             started = time.perf_counter()
