@@ -1642,15 +1642,13 @@ class Store(ShipmentStore):
         if not items:
             return []
         async with self._connection() as conn:
-            for attempt in range(_WRITE_ATTEMPTS):
+            for _ in range(_WRITE_ATTEMPTS - 1):
                 try:
                     return await self._write_transitions(conn, items, claim, claimed)
                 except asyncpg.SerializationError:
                     # Not a word of it was written; `claimed` is only appended to after the write.
                     self.alarm_write_retries += 1
-                    if attempt == _WRITE_ATTEMPTS - 1:
-                        raise
-        raise AssertionError("unreachable")
+            return await self._write_transitions(conn, items, claim, claimed)
 
     async def _write_transitions(
         self,
@@ -1731,7 +1729,6 @@ class Store(ShipmentStore):
 
     def _raised(self, alarm_id: int, shipment: Shipment, t: Transition, now: datetime) -> Alarm:
         """The alarm of a new episode, as its first raise has it."""
-        remind = REMIND_AFTER[t.severity]
         return Alarm(
             id=alarm_id,
             shipment_id=shipment.id,
@@ -1754,8 +1751,13 @@ class Store(ShipmentStore):
             limit=t.limit,
             message=t.message,
             escalation_level=0,
-            next_notify_at=None if remind is None else now + remind * self.remind_scale,
+            next_notify_at=self._next_reminder(t.severity, now),
         )
+
+    def _next_reminder(self, severity: Severity, now: datetime) -> datetime | None:
+        """When an unacknowledged alarm of `severity` is next reminded of, from `now`."""
+        remind = REMIND_AFTER[severity]
+        return None if remind is None else now + remind * self.remind_scale
 
     async def _read_episodes(
         self, conn: Connection, items: Sequence[tuple[Shipment, Transition]]
@@ -2046,11 +2048,7 @@ class Store(ShipmentStore):
                 " FROM unnest($1::bigint[], $2::timestamptz[]) AS d (id, next_notify_at)"
                 " WHERE a.id = d.id RETURNING a.*",
                 [a.id for a in due],
-                [
-                    None if remind is None else now + remind * self.remind_scale
-                    for a in due
-                    for remind in (REMIND_AFTER[a.severity],)
-                ],
+                [self._next_reminder(a.severity, now) for a in due],
             )
             by_id = {r["id"]: _alarm(r) for r in updated}
             out = [by_id[a.id] for a in due if a.id in by_id]  # most overdue first
