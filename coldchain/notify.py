@@ -201,9 +201,7 @@ class Dispatcher:
 
     def _start(self, n: Notification) -> None:
         if n.channel is Channel.MQTT and self._publish_now(n):
-            if self._more:  # as when a delivery's slot frees (`_finished`)
-                self._claim_wanted = True
-                self._event.set()
+            self._delivered(n)
             return
         task = asyncio.create_task(self._deliver(n), name=f"notification-{n.id}")
         self._in_flight[n.id] = task
@@ -220,9 +218,13 @@ class Dispatcher:
         if not task.cancelled() and (exc := task.exception()) is not None:
             # Not recorded either way: its claim runs out and it is tried again.
             logger.error("delivering notification %d crashed", n.id, exc_info=exc)
-        # A slot is free. Claim again if the outbox may hold more than is queued here: the last
-        # claim was full, or it gave this recipient all it could and its queue runs low. (Rows
-        # the alarm writer hands over need no claim; rows due later come with the tick.)
+        self._delivered(n)
+
+    def _delivered(self, n: Notification) -> None:
+        """A delivery is done with, in a task or at once. Claim again if the outbox may hold
+        more than is queued here: the last claim was full, or it gave this recipient all it
+        could and its queue runs low. (Rows the alarm writer hands over need no claim; rows due
+        later come with the tick.)"""
         if self._more or (
             n.recipient_id in self._capped
             and sum(1 for q in self._queue if q.recipient_id == n.recipient_id)
