@@ -58,6 +58,14 @@ class Collector:
         with self.lock:
             return [json.loads(p)["state"] for t, p, _ in self.messages if t == status_topic(dewar)]
 
+    def wait_for_states(self, dewar: str, expected: list[str], timeout: float = 10.0) -> list[str]:
+        """The dewar's status states once they are `expected`, or as they are at the timeout:
+        the last one (a goodbye on close, or the broker's will) arrives on its own time."""
+        deadline = time.monotonic() + timeout
+        while (states := self.states(dewar)) != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return states
+
     def wait_for(self, dewar: str, count: int, timeout: float = 15.0) -> list[Reading]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -136,7 +144,8 @@ def test_backlog_from_a_link_loss_arrives_in_batches_complete(
     assert sizes[-3:] == [1000, 1000, 500]
     assert stats.published == stats.acknowledged == 2600
     assert stats.buffered == stats.dropped == 0
-    assert collector.states(dewar) == ["online", "offline", "online", "offline"]
+    expected = ["online", "offline", "online", "offline"]
+    assert collector.wait_for_states(dewar, expected) == expected
 
 
 @pytest.mark.mqtt
@@ -316,10 +325,7 @@ def test_single_dewar_publisher_leaves_a_last_will(
         publisher.submit(dewar, readings_of(dewar, 1)[0])
         assert publisher.flush(10)
         proxy.cut()  # the device vanishes without a goodbye: the broker speaks for it
-        deadline = time.monotonic() + 10
-        while collector.states(dewar) != ["online", "offline"]:
-            assert time.monotonic() < deadline, collector.states(dewar)
-            time.sleep(0.05)
+        assert collector.wait_for_states(dewar, ["online", "offline"]) == ["online", "offline"]
     finally:
         publisher.close(timeout=1)
         proxy.close()
