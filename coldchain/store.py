@@ -9,6 +9,7 @@ Schema changes are numbered SQL files under `coldchain/migrations/`, applied in 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -114,6 +115,8 @@ _DEAD_LETTER_COLUMNS: Final = (
     "payload",
 )
 
+# Rows made and encoded for COPY between turns of the event loop: about 1 ms of CPU here.
+COPY_ROWS_PER_TURN: Final = 400
 MAX_KNOWN_DEWARS: Final = 100_000  # dewar ids a store remembers having a row (then it starts over)
 
 # Per connection, a staging table for COPY: rows land here, then move into `readings` with
@@ -467,35 +470,38 @@ def _by_dewar(status: DewarStatus) -> str:
     return status.dewar_id
 
 
-def _reading_records(readings: Sequence[IncomingReading]) -> list[tuple[Any, ...]]:
-    """Rows for `readings_stage`, with times in microseconds since the epoch. The readings
-    of one read of the socket share their `received_at`, so it is converted once for them."""
-    rows: list[tuple[Any, ...]] = []
+async def _reading_records(readings: Sequence[IncomingReading]) -> AsyncIterator[tuple[Any, ...]]:
+    """Rows for `readings_stage`, with times in microseconds since the epoch, made as COPY
+    takes them. The readings of one read of the socket share their `received_at`, so it is
+    converted once for them.
+
+    Every `COPY_ROWS_PER_TURN` rows it lets the event loop run others: making and encoding a
+    4,000-reading batch's rows is several milliseconds of CPU, and done in one step it held up
+    each alarm's round trips and deliveries behind it (`docs/alarms.md`)."""
     received: datetime | None = None
     received_us = 0
-    for item in readings:
+    for n, item in enumerate(readings, 1):
         r = item.reading
         if item.received_at is not received:
             received = item.received_at
             received_us = epoch_micros(received)
-        rows.append(
-            (
-                item.dewar_id,
-                r.seq,
-                epoch_micros(r.ts),
-                received_us,
-                r.temp_c,
-                r.ln2_level_pct,
-                r.tilt_deg,
-                r.shock_g,
-                r.lid_open,
-                r.battery_pct,
-                r.lat,
-                r.lon,
-                r.extra,
-            )
+        yield (
+            item.dewar_id,
+            r.seq,
+            epoch_micros(r.ts),
+            received_us,
+            r.temp_c,
+            r.ln2_level_pct,
+            r.tilt_deg,
+            r.shock_g,
+            r.lid_open,
+            r.battery_pct,
+            r.lat,
+            r.lon,
+            r.extra,
         )
-    return rows
+        if n % COPY_ROWS_PER_TURN == 0:
+            await asyncio.sleep(0)
 
 
 def _incoming(row: asyncpg.Record) -> IncomingReading:

@@ -64,7 +64,7 @@ SHIPMENTS_EVERY_S: Final = 2.0
 TAKE_READINGS: Final = 4000  # readings evaluated per turn, at most (then the next turn)
 MAX_PENDING: Final = 5000  # shipments' worth of alarm changes queued before evaluation waits
 FLUSH_TIMEOUT_S: Final = 5.0
-YIELD_EVERY_S: Final = 0.005  # longest stretch of evaluation without letting others run
+YIELD_EVERY_S: Final = 0.001  # longest stretch of evaluation without letting others run
 # Rule state is saved as msgpack: compact, and several times cheaper to encode than JSON.
 _state_encoder: Final = msgspec.msgpack.Encoder()
 _state_decoder: Final = msgspec.msgpack.Decoder(RuleState)
