@@ -1595,6 +1595,10 @@ _TRANSITION_ACTIONS: Final = {
 #: How many times an alarm write is read, worked out and written before it gives up, each
 #: time because something it read changed before it could write (`apply_transitions_of`).
 _WRITE_ATTEMPTS: Final = 3
+#: Alarms whose row version an alarm writer remembers from its own writes (then the oldest go).
+_KNOWN_ALARMS: Final = 20_000
+#: Ids an alarm write's read takes beyond what it needs, for the next writes to use.
+_SPARE_IDS: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -1616,6 +1620,13 @@ class Store(ShipmentStore):
         super().__init__(pool)
         # Alarm writes that found what they read changed, and were worked out again.
         self.alarm_write_retries = 0
+        # What the alarm writer learnt from its last read and its own writes, so that the
+        # next write can go without reading first (`_known_episodes`): alarms by episode with
+        # their row versions, the recipients with theirs, and ids taken but not yet used.
+        self._known: dict[tuple[str, str], tuple[Alarm, str]] = {}
+        self._known_recipients: tuple[list[Recipient], str] | None = None
+        self._spare_change_ids: list[int] = []
+        self._spare_alarm_ids: list[int] = []
 
     async def apply_transitions(
         self, shipment: Shipment, transitions: Sequence[Transition]
@@ -1648,13 +1659,15 @@ class Store(ShipmentStore):
         if not items:
             return []
         async with self._connection() as conn:
-            for _ in range(_WRITE_ATTEMPTS - 1):
+            for attempt in range(_WRITE_ATTEMPTS - 1):
                 try:
-                    return await self._write_transitions(conn, items, claim, claimed)
+                    return await self._write_transitions(
+                        conn, items, claim, claimed, known=attempt == 0
+                    )
                 except asyncpg.SerializationError:
                     # Not a word of it was written; `claimed` is only appended to after the write.
                     self.alarm_write_retries += 1
-            return await self._write_transitions(conn, items, claim, claimed)
+            return await self._write_transitions(conn, items, claim, claimed, known=False)
 
     async def _write_transitions(
         self,
@@ -1662,8 +1675,12 @@ class Store(ShipmentStore):
         items: Sequence[tuple[Shipment, Transition]],
         claim: int,
         claimed: list[Notification] | None,
+        *,
+        known: bool,
     ) -> list[Alarm]:
-        read = await self._read_episodes(conn, items)
+        """One attempt; with `known`, from what this store already knows if it knows enough
+        (one round trip), else from a read (two)."""
+        read = await self._episodes(conn, items, known=known)
         current = read.current
         alarm_ids = iter(read.alarm_ids)
         now = datetime.now(UTC)
@@ -1719,19 +1736,79 @@ class Store(ShipmentStore):
                 for (a, _, t), change_id in zip(changes, change_ids, strict=True)
             ]
 
-        await self._record_changes(
-            conn,
-            [(a, s, None, None) for a, s, _ in changes],
-            read.recipients,
-            audit=audit,
-            updated=list(touched.values()),
-            change_ids=read.change_ids[: len(changes)],
-            claim=claim,
-            claimed=claimed,
-            fresh=list(fresh.values()),
-            unchanged=(read.versions, read.fingerprint),
-        )
+        written: dict[int, str] = {}
+        try:
+            await self._record_changes(
+                conn,
+                [(a, s, None, None) for a, s, _ in changes],
+                read.recipients,
+                audit=audit,
+                updated=list(touched.values()),
+                change_ids=read.change_ids[: len(changes)],
+                claim=claim,
+                claimed=claimed,
+                fresh=list(fresh.values()),
+                unchanged=(read.versions, read.fingerprint),
+                written=written,
+            )
+        except asyncpg.SerializationError:
+            for key in {(s.id, t.episode_key) for s, t in items}:
+                self._known.pop(key, None)
+            self._known_recipients = None
+            raise
+        self._remember([*fresh.values(), *touched.values()], written)
         return [a for a, _, _ in changes]
+
+    async def _episodes(
+        self, conn: Connection, items: Sequence[tuple[Shipment, Transition]], *, known: bool
+    ) -> _Episodes:
+        if known:
+            episodes = self._known_episodes(items)
+            if episodes is not None:
+                return episodes
+        return await self._read_episodes(conn, items)
+
+    def _known_episodes(self, items: Sequence[tuple[Shipment, Transition]]) -> _Episodes | None:
+        """What `_read_episodes` would read, from this store's last read and its own writes
+        since, or None if that is not enough: an episode it has no alarm for that the items do
+        more than raise, or too few ids left. An episode it has no alarm for is taken to have
+        none; the write's guard refuses it if one exists (raised by another instance, or before
+        a restart), as it refuses a known alarm or recipient changed since, and the write is
+        worked out again from a read."""
+        if self._known_recipients is None:
+            return None
+        current: dict[tuple[str, str], Alarm] = {}
+        versions: dict[int, str] = {}
+        raised: set[tuple[str, str]] = set()
+        for shipment, t in items:
+            key = (shipment.id, t.episode_key)
+            got = self._known.get(key)
+            if got is not None:
+                alarm, version = got
+                current[key] = alarm
+                versions[alarm.id] = version
+            elif t.kind == "raised" or key in raised:
+                raised.add(key)
+            else:
+                return None
+        if len(self._spare_change_ids) < len(items) or len(self._spare_alarm_ids) < len(raised):
+            return None
+        change_ids = self._spare_change_ids[: len(items)]
+        alarm_ids = self._spare_alarm_ids[: len(raised)]
+        del self._spare_change_ids[: len(items)], self._spare_alarm_ids[: len(raised)]
+        recipients, fingerprint = self._known_recipients
+        return _Episodes(current, versions, recipients, fingerprint, change_ids, alarm_ids)
+
+    def _remember(self, alarms: Sequence[Alarm], versions: Mapping[int, str]) -> None:
+        """Keep the alarms this store wrote, as written, with their new row versions."""
+        for alarm in alarms:
+            key = (alarm.shipment_id, alarm.episode_key)
+            self._known.pop(key, None)  # to the end: the oldest go first
+            version = versions.get(alarm.id)
+            if version is not None:
+                self._known[key] = (alarm, version)
+        while len(self._known) > _KNOWN_ALARMS:
+            del self._known[next(iter(self._known))]
 
     def _raised(self, alarm_id: int, shipment: Shipment, t: Transition, now: datetime) -> Alarm:
         """The alarm of a new episode, as its first raise has it."""
@@ -1771,9 +1848,11 @@ class Store(ShipmentStore):
         """In one round trip, without locking anything: the alarms of the items' episodes that
         exist, each with its row version; the active recipients and their version; ids for as
         many alarm changes as there are items, and for an alarm of each episode that the items
-        raise (ascending; those not used are skipped)."""
+        raise (ascending; those not used are skipped). All of it is remembered for the next
+        writes (`_known_episodes`), with `_SPARE_IDS` more ids of each kind."""
         keys = {(s.id, t.episode_key) for s, t in items}
         raised = len({(s.id, t.episode_key) for s, t in items if t.kind == "raised"})
+        need_changes = len(items)
         rows = await conn.fetch(
             "SELECT k.change_ids, k.alarm_ids, k.recipients, k.fingerprint, a.* FROM (SELECT"
             " (SELECT array_agg(nextval(pg_get_serial_sequence('alarm_changes', 'id')))"
@@ -1787,18 +1866,27 @@ class Store(ShipmentStore):
             " USING (shipment_id, episode_key)) a ON true",
             [k[0] for k in keys],
             [k[1] for k in keys],
-            len(items),
-            raised,
+            need_changes + _SPARE_IDS,
+            raised + _SPARE_IDS,
         )
         first = rows[0]
         alarms = [(_alarm(r), r["version"]) for r in rows if r["id"] is not None]
+        recipients = [_recipient(r) for r in first["recipients"]]
+        change_ids = sorted(first["change_ids"])
+        alarm_ids = sorted(first["alarm_ids"])
+        # The spares replace any older ones: a change written after this read then has a
+        # higher id than any change to the same alarm made before it, by anyone.
+        self._spare_change_ids = change_ids[need_changes:]
+        self._spare_alarm_ids = alarm_ids[raised:]
+        self._known_recipients = (recipients, first["fingerprint"])
+        self._remember([a for a, _ in alarms], {a.id: version for a, version in alarms})
         return _Episodes(
             current={(a.shipment_id, a.episode_key): a for a, _ in alarms},
             versions={a.id: version for a, version in alarms},
-            recipients=[_recipient(r) for r in first["recipients"]],
+            recipients=recipients,
             fingerprint=first["fingerprint"],
-            change_ids=sorted(first["change_ids"] or ()),
-            alarm_ids=sorted(first["alarm_ids"] or ()),
+            change_ids=change_ids[:need_changes],
+            alarm_ids=alarm_ids[:raised],
         )
 
     async def _record_changes(
@@ -1814,6 +1902,7 @@ class Store(ShipmentStore):
         claimed: list[Notification] | None = None,
         fresh: Sequence[Alarm] = (),
         unchanged: tuple[Mapping[int, str], str] | None = None,
+        written: dict[int, str] | None = None,
     ) -> list[int]:
         """Record alarm changes (the alarm as it is after each, who made it and why), in order,
         each with its outbox rows: the alert topic and every recipient who wants it. One
@@ -1826,7 +1915,8 @@ class Store(ShipmentStore):
         The statement writes nothing, and raises `asyncpg.SerializationError`, when a `fresh`
         alarm's episode already has one, or, with `unchanged` (each alarm's row version as
         read, and the recipients' fingerprint), when any of those alarms or the recipients
-        changed since: then what the caller worked out from them may be wrong."""
+        changed since: then what the caller worked out from them may be wrong. `written`, if
+        given, gets the new row version of each `fresh` and `updated` alarm."""
         if not changes and not updated and not fresh:
             return []
         if change_ids is None or len(change_ids) < len(changes):
@@ -1888,7 +1978,7 @@ class Store(ShipmentStore):
             " $32::text[], $33::text[], $34::text[], $35::text[], $36::text[], $37::text[],"
             " $38::bool[], $39::timestamptz[], $40::timestamptz[], $41::timestamptz[],"
             " $42::float8[], $43::float8[], $44::text[], $45::timestamptz[])"
-            " ON CONFLICT (shipment_id, episode_key) DO NOTHING RETURNING id),"
+            " ON CONFLICT (shipment_id, episode_key) DO NOTHING RETURNING id, xmin::text AS v),"
             " guard AS (SELECT coldchain_unchanged("
             "(SELECT count(*) FROM locked) = cardinality($29::bigint[])"
             " AND (SELECT count(*) FROM fresh) = cardinality($31::bigint[])"
@@ -1899,7 +1989,7 @@ class Store(ShipmentStore):
             " FROM unnest($1::bigint[], $2::text[], $3::bool[], $4::timestamptz[],"
             " $5::float8[], $6::text[], $7::timestamptz[])"
             " AS u (id, state, active, cleared, value, message, notify)"
-            " WHERE a.id = u.id AND (SELECT ok FROM guard)),"
+            " WHERE a.id = u.id AND (SELECT ok FROM guard) RETURNING a.id, a.xmin::text AS v),"
             " change AS (INSERT INTO alarm_changes (id, alarm_id, state, severity, actor,"
             " comment, escalation_level) SELECT * FROM unnest($8::bigint[], $9::bigint[],"
             " $10::text[], $11::text[], $12::text[], $13::text[], $14::integer[])"
@@ -1910,14 +2000,18 @@ class Store(ShipmentStore):
             " audit AS (INSERT INTO audit_log (actor, action, entity, entity_id, detail)"
             " SELECT ac, ax, en, ei, d::jsonb FROM unnest($16::text[], $17::text[], $18::text[],"
             " $19::text[], $20::text[]) WITH ORDINALITY AS e (ac, ax, en, ei, d, n)"
-            " WHERE (SELECT ok FROM guard) ORDER BY n)"
-            " INSERT INTO notifications (change_id, alarm_id, channel, recipient_id, body,"
-            " next_attempt_at, held_until, status)"
+            " WHERE (SELECT ok FROM guard) ORDER BY n),"
+            " outbox AS (INSERT INTO notifications (change_id, alarm_id, channel, recipient_id,"
+            " body, next_attempt_at, held_until, status)"
             " SELECT c, a, ch, r, b::jsonb, n, h, st FROM unnest($21::bigint[], $22::bigint[],"
             " $23::text[], $24::bigint[], $25::text[], $26::timestamptz[], $27::timestamptz[],"
             " $28::text[]) AS u (c, a, ch, r, b, n, h, st) WHERE (SELECT ok FROM guard)"
             " ON CONFLICT DO NOTHING RETURNING id, change_id, alarm_id, channel, recipient_id,"
-            " next_attempt_at, status, created_at",
+            " next_attempt_at, status, created_at)"
+            # The outbox rows written, then each alarm written with its new row version.
+            " SELECT *, NULL AS version FROM outbox UNION ALL SELECT id, NULL, NULL, NULL, NULL,"
+            " NULL, NULL, NULL, v FROM fresh WHERE (SELECT ok FROM guard) UNION ALL"
+            " SELECT id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, v FROM alarm_update",
             [a.id for a in updated],
             [str(a.state) for a in updated],
             [a.condition_active for a in updated],
@@ -1940,6 +2034,9 @@ class Store(ShipmentStore):
             *_fresh_columns(fresh),
             fingerprint,
         )
+        if written is not None:
+            written.update((got["id"], got["version"]) for got in inserted if got["version"])
+        inserted = [got for got in inserted if got["version"] is None]
         if claimed is not None:
             by_id = {r.id: r for r in recipients}
             bodies = {(row[0], row[2], row[3]): row[4] for row in rows}

@@ -1118,17 +1118,31 @@ async def test_a_batch_of_transitions_does_what_one_at_a_time_does(
 def _interrupted(
     store: Store, monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[], Awaitable[object]]
 ) -> None:
-    """Make `meanwhile` happen between the alarm writer's first read and its write."""
-    read = store._read_episodes
+    """Make `meanwhile` happen between the alarm writer's first look at the episodes (a read,
+    or what it knows from its own writes) and its write."""
+    episodes = store._episodes
     done: list[object] = []
 
-    async def read_then(conn: Any, items: Any) -> Any:
-        episodes = await read(conn, items)
+    async def look_then(conn: Any, items: Any, *, known: bool) -> Any:
+        found = await episodes(conn, items, known=known)
         if not done:
             done.append(await meanwhile())
-        return episodes
+        return found
 
-    monkeypatch.setattr(store, "_read_episodes", read_then)
+    monkeypatch.setattr(store, "_episodes", look_then)
+
+
+def _counting_reads(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times the alarm writer reads the episodes before writing."""
+    read = store._read_episodes
+    reads: list[int] = []
+
+    async def counted(conn: Any, items: Any) -> Any:
+        reads.append(len(items))
+        return await read(conn, items)
+
+    monkeypatch.setattr(store, "_read_episodes", counted)
+    return reads
 
 
 def _temp(kind: str, minute: int, value: float, now: datetime) -> Transition:
@@ -1203,6 +1217,87 @@ async def test_an_episode_another_writer_raised_meanwhile_is_one_alarm_raised_on
     assert [c.state for c in changes] == [AlarmState.OPEN]
     assert alarm.value == -139  # the later raise's value, quietly
     assert len(await store.delivery_log(alarm.id)) == 1
+
+
+async def test_a_writer_changes_the_alarms_it_wrote_without_reading_them_first(
+    outbox: tuple[Store, Shipment], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The usual course of an episode, raised then cleared by the same writer, is read once:
+    after that the writer knows the alarm, its row version, the recipients and spare ids, and
+    the clear is one guarded statement. What it writes is what a read would have given."""
+    store, shipment = outbox
+    await _unreachable_hook(store, "ops")
+    reads = _counting_reads(store, monkeypatch)
+    now = datetime.now(UTC)
+    (raised,) = await store.apply_transitions(shipment, [_temp("raised", 0, -140, now)])
+    (cleared,) = await store.apply_transitions(shipment, [_temp("cleared", 2, -160, now)])
+    (again,) = await store.apply_transitions(shipment, [_temp("reopened", 3, -141, now)])
+    other = replace(_temp("raised", 4, -120, now), episode_key="glass:1", rule="temp_glass")
+    (second,) = await store.apply_transitions(shipment, [other])
+    assert reads == [1]  # the first write only
+    assert store.alarm_write_retries == 0
+    alarm, changes = await store.alarm(raised.id)
+    assert alarm == again
+    assert (cleared.state, again.state) == (AlarmState.CLEARED, AlarmState.OPEN)
+    assert [c.state for c in changes] == [AlarmState.OPEN, AlarmState.CLEARED, AlarmState.OPEN]
+    (stored_second, _) = await store.alarm(second.id)
+    assert stored_second == second
+    heard = [
+        (n.recipient.name if n.recipient else None) for n, _ in await store.delivery_log(alarm.id)
+    ]
+    assert sorted(heard, key=str) == sorted([None, None, None, "ops", "ops", "ops"], key=str)
+    change_ids = [n.body["change_id"] for n, _ in await store.delivery_log(alarm.id)]
+    assert len(set(change_ids)) == 3
+
+
+async def test_an_alarm_changed_since_the_writer_wrote_it_is_read_again_before_the_next_write(
+    outbox: tuple[Store, Shipment], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A person acknowledges the alarm through the API (not through the writer): what the
+    writer knew of it is out of date, its guarded write is refused, and the clear is worked out
+    again from a read, keeping the acknowledgement, with a change id above the ack's."""
+    store, shipment = outbox
+    reads = _counting_reads(store, monkeypatch)
+    now = datetime.now(UTC)
+    (raised,) = await store.apply_transitions(shipment, [_temp("raised", 0, -140, now)])
+    operator = Actor(7, "night shift", Role.OPERATOR)
+    await store.acknowledge_alarm(raised.id, "on it", operator)
+    (cleared,) = await store.apply_transitions(shipment, [_temp("cleared", 2, -160, now)])
+    assert (reads, store.alarm_write_retries) == ([1, 1], 1)
+    alarm, changes = await store.alarm(raised.id)
+    assert alarm == cleared
+    assert (alarm.state, alarm.acknowledged_by) == (AlarmState.CLEARED, operator.label)
+    assert [c.state for c in changes] == [
+        AlarmState.OPEN,
+        AlarmState.ACKNOWLEDGED,
+        AlarmState.CLEARED,
+    ]
+    assert [c.id for c in changes] == sorted(c.id for c in changes)
+
+
+async def test_a_new_writer_raising_an_episode_that_has_an_alarm_keeps_the_one_alarm(
+    outbox: tuple[Store, Shipment], monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    """After a restart the writer knows no alarm, so it takes a raise for a new episode; when
+    the episode has its alarm already (the readings came again), the guard refuses the insert
+    and the raise is worked out again from a read: one alarm, raised once."""
+    store, shipment = outbox
+    now = datetime.now(UTC)
+    (raised,) = await store.apply_transitions(shipment, [_temp("raised", 0, -140, now)])
+    restarted = await Store.open(database_url)
+    try:
+        # It knows the recipients (and has ids) from writing another episode first.
+        other = replace(_temp("raised", 1, -120, now), episode_key="glass:1", rule="temp_glass")
+        await restarted.apply_transitions(shipment, [other])
+        reads = _counting_reads(restarted, monkeypatch)
+        assert await restarted.apply_transitions(shipment, [_temp("raised", 0, -139, now)]) == []
+        assert (reads, restarted.alarm_write_retries) == ([1], 1)
+    finally:
+        await restarted.close()
+    alarm, changes = await store.alarm(raised.id)
+    assert [c.state for c in changes] == [AlarmState.OPEN]
+    assert alarm.value == -139  # the later raise's value, quietly
+    assert len(await store.open_alarms(shipment.id)) == 2
 
 
 async def test_an_alert_handed_to_the_dispatcher_is_published_before_the_hand_over_returns(
