@@ -17,8 +17,11 @@ the service dies first, the broker delivers it again, the rules see it at or bef
 watermark and replay the stored history, and whatever is derived again has the same episode key,
 so it changes no alarm.
 
-Durability: rule state is saved every `SAVE_EVERY_S` with `fed_through`, the arrival time of the
-newest reading fed, and only once every transition emitted before the state was taken is applied.
+Durability: each shipment's rule state is saved every `SAVE_EVERY_S` with `fed_through`, the
+arrival time of the newest reading fed, and only once every transition emitted before the state
+was taken is applied. The shipments take turns, a slice of them each second, so that PostgreSQL
+gets a steady trickle of upserts rather than a thousand at once (under load that burst held up
+the alarms written beside it).
 On start the watch reloads each active shipment's state and feeds what arrived after
 `fed_through`, so a restart resets no delay; anything re-derived has the same episode key and
 changes nothing. Evaluation assumes one instance evaluates a given dewar (one
@@ -40,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
@@ -188,6 +192,7 @@ class Watch:
         self._backlog = 0  # readings in `_arrivals`
         self._arrived = asyncio.Event()
         self._tracked: dict[str, _Tracked] = {}  # by shipment id
+        self._save_order: dict[str, None] = {}  # shipment ids, next to save first
         self._by_dewar: dict[str, list[Shipment]] = {}
         self._profiles: dict[str, Profile] = {}
         self._refreshed = 0.0
@@ -267,11 +272,13 @@ class Watch:
                 s, state or RuleState(), saved[1] if saved and state else None, etas.get(s.id)
             )
             self._tracked[s.id] = tracked
+            self._save_order[s.id] = None
             await self._catch_up(tracked)
         for s in shipments:
             self._tracked[s.id].update(s, etas.get(s.id))
         active = {s.id for s in shipments}
         for gone in [sid for sid in self._tracked if sid not in active]:
+            self._save_order.pop(gone, None)
             await self._save([self._tracked.pop(gone)])
 
     async def _catch_up(self, tracked: _Tracked) -> None:
@@ -333,14 +340,13 @@ class Watch:
                 self._source.relieved()
 
     async def _beat(self) -> None:
-        last_save = last_silence = time.monotonic()
+        last_silence = time.monotonic()
+        tick_s = min(1.0, self._beat_s)
         while True:
-            await asyncio.sleep(min(1.0, self._beat_s))
+            await asyncio.sleep(tick_s)
             now = time.monotonic()
             try:
-                if now - last_save >= SAVE_EVERY_S:
-                    await self._save([t for t in self._tracked.values() if t.dirty])
-                    last_save = now
+                await self._save(self._next_to_save(tick_s))
                 if now - last_silence >= self._beat_s:
                     await self._refresh()
                     await self._check_silence(datetime.now(UTC))
@@ -529,6 +535,20 @@ class Watch:
         if alarms:
             self._alarm_changes.inc(len(alarms))
             self._on_change(alarms)
+
+    def _next_to_save(self, tick_s: float) -> list[_Tracked]:
+        """The next shipments in turn, as many as make all of them once every `SAVE_EVERY_S`
+        at one slice each `tick_s`: those of them whose rule state changed since it was saved."""
+        order = self._save_order
+        due: list[_Tracked] = []
+        for _ in range(min(len(order), math.ceil(len(order) * tick_s / SAVE_EVERY_S))):
+            sid = next(iter(order))
+            del order[sid]
+            order[sid] = None  # to the back of the line
+            tracked = self._tracked[sid]
+            if tracked.dirty:
+                due.append(tracked)
+        return due
 
     async def _save(self, tracked: Sequence[_Tracked]) -> None:
         """Save rule states, never ahead of the alarms: a state is written only once every

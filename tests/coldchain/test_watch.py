@@ -374,3 +374,30 @@ async def test_readings_passed_over_before_the_watch_knew_the_shipment_are_caugh
             )
     finally:
         await store.close()
+
+
+async def test_rule_states_are_saved_a_slice_at_a_time_each_in_its_turn(database_url: str) -> None:
+    """Every shipment's changed state once per `SAVE_EVERY_S`, spread over the beat's ticks
+    rather than all at once; unchanged states are passed over."""
+    store = await Store.open(database_url)
+    try:
+        watch = Watch(store, Registry(), on_change=lambda alarms: None)
+        for n in range(30):
+            shipment = Shipment(
+                f"SH-{n}", f"DW-{n}", "cryo-vapor", "A", "B", None, None, None,
+                Status.IN_TRANSIT, T0, "test", T0, None,
+            )  # fmt: skip
+            tracked = _Tracked(shipment, RuleState(), T0)
+            tracked.dirty = n % 3 != 0
+            watch._tracked[shipment.id] = tracked
+            watch._save_order[shipment.id] = None
+        slices = [[t.shipment.id for t in watch._next_to_save(1.0)] for _ in range(15)]
+        assert max(len(s) for s in slices) == 2  # 30 shipments over 15 ticks of a second
+        saved = [sid for s in slices for sid in s]
+        assert sorted(saved) == sorted(f"SH-{n}" for n in range(30) if n % 3 != 0)
+        assert saved[:2] == ["SH-1", "SH-2"]  # in turn, from the first
+        assert [t.shipment.id for t in watch._next_to_save(15.0)] == saved  # a whole round
+        # The states written are those taken; nothing is marked saved until `_save`.
+        assert all(watch._tracked[sid].dirty for sid in saved)
+    finally:
+        await store.close()
