@@ -52,7 +52,7 @@ from bench.harness import (
 )
 from bench.ingest import coldchain_rate, make_messages
 from coldchain.alarms import Channel, Recipient
-from coldchain.embedded import free_port
+from coldchain.embedded import AUTOSAVE_S, free_port
 from coldchain.profiles import Severity
 from sensors import Reading, encode_reading, telemetry_topic
 
@@ -354,9 +354,16 @@ def main() -> None:
         help="background readings/s; default: half the sustained ingest rate, measured first "
         "in this run as bench/ingest.py does",
     )
+    parser.add_argument(
+        "--broker-autosave",
+        type=int,
+        default=AUTOSAVE_S,
+        help="seconds between Mosquitto's saves of its sessions to disk; default the compose "
+        "file's. Each save stops the broker while it writes, a few hundred ms under this load",
+    )
     args = parser.parse_args()
 
-    servers = BenchServers("coldchain-alerts-")
+    servers = BenchServers("coldchain-alerts-", autosave_s=args.broker_autosave)
     work, server_url, broker = servers.work, servers.server_url, servers.broker
     if args.load <= 0:
         scratch = asyncio.run(create_database(server_url))
@@ -424,7 +431,8 @@ def main() -> None:
         _report_split(database_url, sent, topic_arrivals)
         print(
             f"reproduce: .venv/bin/python -m bench.alert_latency --alarms {args.alarms} "
-            f"--load {args.load:.0f}  ({os.cpu_count()} cores)"
+            f"--load {args.load:.0f} --broker-autosave {args.broker_autosave}  "
+            f"({os.cpu_count()} cores)"
         )
     finally:
         listener.loop_stop()

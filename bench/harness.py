@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from coldchain.auth import Actor, Role
-from coldchain.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from coldchain.embedded import AUTOSAVE_S, EmbeddedBroker, EmbeddedPostgres, free_port
 from coldchain.shipments import EventType, Shipment, Status
 from coldchain.store import Store
 from routing import example_network
@@ -35,7 +35,7 @@ class BenchServers:
     an embedded one) and a private Mosquitto with the compose file's settings; `close` stops
     what was started and removes the folder."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, *, autosave_s: int = AUTOSAVE_S) -> None:
         self.work = Path(tempfile.mkdtemp(prefix=prefix))
         self._embedded: EmbeddedPostgres | None = None
         try:
@@ -44,7 +44,9 @@ class BenchServers:
                 self._embedded = EmbeddedPostgres(self.work / "pg")
                 url = self._embedded.start()
             self.server_url = url
-            self.broker = EmbeddedBroker(self.work / "broker", prefer="mosquitto")
+            self.broker = EmbeddedBroker(
+                self.work / "broker", prefer="mosquitto", autosave_s=autosave_s
+            )
             self.broker.start()
         except BaseException:
             self._cleanup()

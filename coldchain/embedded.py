@@ -172,6 +172,9 @@ def mosquitto_binary() -> str | None:
     )
 
 
+# As deploy/mosquitto/mosquitto.conf: a crash of the broker loses at most this long of what it
+# had queued.
+AUTOSAVE_S: Final = 10
 MOSQUITTO_CONF: Final = """\
 # Written by coldchain for an embedded broker. Persistent sessions keep their queued QoS 1
 # messages across a restart of the broker.
@@ -179,7 +182,7 @@ listener {port} 127.0.0.1
 allow_anonymous true
 persistence true
 persistence_location {data_dir}/
-autosave_interval 10
+autosave_interval {autosave_s}
 max_queued_messages 1000000
 max_inflight_messages 0
 max_packet_size 1048576
@@ -204,9 +207,18 @@ class EmbeddedBroker:
     """A private MQTT broker on a free loopback port: Mosquitto if installed, else amqtt."""
 
     def __init__(
-        self, data_dir: Path, port: int | None = None, *, prefer: str | None = None
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        prefer: str | None = None,
+        autosave_s: int = AUTOSAVE_S,
     ) -> None:
+        """`autosave_s`: how often Mosquitto writes its sessions and queued messages to disk.
+        Each save stops the broker while it writes, which under tens of thousands of messages
+        a second is a few hundred milliseconds (`docs/alarms.md`)."""
         self.data_dir = data_dir.resolve()
+        self.autosave_s = autosave_s
         self.port = port or free_port()
         binary = mosquitto_binary()
         self.kind = prefer or ("mosquitto" if binary else "amqtt")
@@ -225,7 +237,9 @@ class EmbeddedBroker:
                 raise RuntimeError("mosquitto is not installed")
             conf = self.data_dir / "mosquitto.conf"
             conf.write_text(
-                MOSQUITTO_CONF.format(port=self.port, data_dir=self.data_dir)
+                MOSQUITTO_CONF.format(
+                    port=self.port, data_dir=self.data_dir, autosave_s=self.autosave_s
+                )
                 + ("user root\n" if os.geteuid() == 0 else ""),
                 encoding="utf-8",
             )
