@@ -32,8 +32,9 @@ from routing import example_network
 
 class BenchServers:
     """A scratch folder, a PostgreSQL server to make databases on (COLDCHAIN_DATABASE_URL, else
-    an embedded one) and a private Mosquitto with the compose file's settings; `close` stops
-    what was started and removes the folder."""
+    an embedded one) and a private Mosquitto with the compose file's settings (but for
+    `autosave_s`, to measure without the broker's periodic saves); `close` stops what was
+    started and removes the folder."""
 
     def __init__(self, prefix: str, *, autosave_s: int = AUTOSAVE_S) -> None:
         self.work = Path(tempfile.mkdtemp(prefix=prefix))
